@@ -1,0 +1,119 @@
+"""The MLP as a plain `nn.Sequential`, and its checkpoint: safetensors + config in the metadata.
+
+A checkpoint alone rebuilds the model: the metadata carries the RunConfig, the input shape, the
+class names and the input normalisation. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mnistlab.config import RunConfig, run_config_from_dict, to_dict
+from mnistlab.errors import CheckpointError, ConfigError
+
+CHECKPOINT_FORMAT = "mnistlab-mlp/1"
+_ACTIVATION = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def build_mlp(config: RunConfig, input_dim: int = 784, n_classes: int = 10) -> nn.Sequential:
+    """Linear → act [→ Dropout] [→ LayerNorm] per hidden layer, then a Linear to the logits.
+
+    Dropout comes before the LayerNorm of the same layer, as in the seed study. Dropout modules are
+    present whenever `dropout_after` names the layer and p > 0, so layer indices depend only on
+    `config.architecture` and p.
+    """
+    layers: list[nn.Module] = []
+    width = input_dim
+    for i, size in enumerate(config.hidden, start=1):
+        layers += [nn.Linear(width, size), _ACTIVATION[config.activation]()]
+        if config.dropout > 0 and i in config.dropout_after:
+            layers.append(nn.Dropout(config.dropout))
+        if config.layernorm:
+            layers.append(nn.LayerNorm(size))
+        width = size
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: image shape, class names, and x = (pixels / 255 - mean) / std."""
+
+    shape: tuple[int, int] = (28, 28)
+    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
+    mean: float = 0.0
+    std: float = 1.0
+
+    def prepare(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W) images → float32 (N, H*W) model input."""
+        x = torch.as_tensor(images).reshape(len(images), -1).to(torch.float32)
+        return (x / 255.0 - self.mean) / self.std
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Sequential
+    config: RunConfig
+    inputs: InputSpec
+    seed: int | None = None
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write atomically (temp + rename) so a crash never leaves a half-written checkpoint."""
+    from mnistlab.runs import atomic_path
+
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(to_dict(ckpt.config)),
+        "inputs": json.dumps(to_dict(ckpt.inputs)),
+        "seed": json.dumps(ckpt.seed),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Rebuild a model from its checkpoint; anything else is a one-line CheckpointError."""
+    path = Path(path)
+    fix = "pass a .safetensors checkpoint written by mnistlab (runs/<study>/checkpoints/)"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; {fix}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); {fix}") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: not an mnistlab model checkpoint (no '{CHECKPOINT_FORMAT}' metadata); {fix}"
+        )
+    try:
+        config = run_config_from_dict(json.loads(meta["config"]), where=str(path))
+        raw = json.loads(meta["inputs"])
+        inputs = InputSpec(tuple(raw["shape"]), tuple(raw["classes"]), raw["mean"], raw["std"])
+        seed = json.loads(meta.get("seed", "null"))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({exc}); {fix}") from None
+    model = build_mlp(config, inputs.shape[0] * inputs.shape[1], len(inputs.classes))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise CheckpointError(
+            f"{path}: weights do not match the stored architecture ({detail}); {fix}"
+        ) from None
+    model.eval()
+    return Checkpoint(model, config, inputs, seed)

@@ -1,0 +1,207 @@
+"""The study's figures as PNG files: learning curves, comparisons, test accuracy, errors.
+
+Seeds are drawn as their mean line with a min–max band, so the spread between seeds is visible
+at a glance. Figures are built with matplotlib's object API (no pyplot state) and written
+atomically.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from mnistlab.data.dataset import Dataset
+from mnistlab.evaluate import Evaluation
+from mnistlab.runs import atomic_path
+
+SPLIT_STYLE = {"train": ("tab:blue", "training"), "val": ("tab:orange", "validation")}
+DPI = 110
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a run name: letters, digits, '.', '_', '-' only, no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return path
+
+
+def seed_band(
+    rows: Sequence[Mapping[str, Any]], run: str, split: str, metric: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, min, max) of `metric` over seeds at each recorded step of one run and split.
+
+    NaN values (a diverged seed) are left out of the mean and band; a step where every seed is
+    NaN stays NaN, which breaks the line there instead of drawing a wrong value.
+    """
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["run"] == run and r["split"] == split:
+            by_step[r["step"]].append(r[metric])
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    values = [np.asarray(by_step[s], dtype=np.float64) for s in steps]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps → NaN, as intended
+        stats = [(np.nanmean(v), np.nanmin(v), np.nanmax(v)) for v in values]
+    mean, low, high = (np.array(col) for col in zip(*stats, strict=True)) if stats else [np.empty(0)] * 3
+    return steps, mean, low, high
+
+
+def _draw_band(ax: Any, steps: np.ndarray, mean: np.ndarray, low: np.ndarray, high: np.ndarray,
+               color: str, label: str) -> None:
+    ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+    ax.plot(steps, mean, color=color, label=label, linewidth=1.6)
+
+
+def _style_metric_axis(ax: Any, metric: str) -> None:
+    if metric == "accuracy":
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    else:
+        ax.set_yscale("log")  # losses span two orders of magnitude over training
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+
+
+def _seed_count(rows: Sequence[Mapping[str, Any]], run: str) -> int:
+    return len({r["seed"] for r in rows if r["run"] == run})
+
+
+def run_curves(rows: Sequence[Mapping[str, Any]], run: str, metric: str, folder: Path,
+               steps_per_epoch: int | None = None) -> Path:
+    """`<run>_<metric>.png`: training and validation curves of one configuration over its seeds."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    for split, (color, label) in SPLIT_STYLE.items():
+        steps, mean, low, high = seed_band(rows, run, split, metric)
+        if len(steps):
+            final = f"{mean[-1]:.2%}" if metric == "accuracy" else f"{mean[-1]:.4f}"
+            _draw_band(ax, steps, mean, low, high, color, f"{label} (final {final})")
+    n = _seed_count(rows, run)
+    ax.set_title(f"{run}: {metric} (mean of {n} seeds, band = min–max)")
+    ax.set_xlabel(_iteration_label(steps_per_epoch))
+    _style_metric_axis(ax, metric)
+    ax.legend(loc="best")
+    return _save(fig, folder / f"{safe_name(run)}_{metric}.png")
+
+
+def _iteration_label(steps_per_epoch: int | None) -> str:
+    return f"iteration ({steps_per_epoch} per epoch)" if steps_per_epoch else "iteration"
+
+
+def compare_curves(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metric: str,
+                   folder: Path, steps_per_epoch: int | None = None) -> Path:
+    """`compare_val_<metric>.png`: every configuration's validation curve, whole run and zoomed.
+
+    The right panel shows the second half of training only, where the configurations are close
+    and the full-range axis would hide their differences.
+    """
+    fig = Figure(figsize=(12, 4.5))
+    full, zoom = fig.subplots(1, 2)
+    colors = _colors(len(runs))
+    for run, color in zip(runs, colors, strict=True):
+        steps, mean, low, high = seed_band(rows, run, "val", metric)
+        if not len(steps):
+            continue
+        final = f"{mean[-1]:.2%}" if metric == "accuracy" else f"{mean[-1]:.4f}"
+        _draw_band(full, steps, mean, low, high, color, f"{run} (final {final})")
+        late = steps >= steps[-1] / 2
+        _draw_band(zoom, steps[late], mean[late], low[late], high[late], color, run)
+    for ax, title in ((full, "all iterations"), (zoom, "second half (zoomed)")):
+        ax.set_title(f"validation {metric}: {title}")
+        ax.set_xlabel(_iteration_label(steps_per_epoch))
+        _style_metric_axis(ax, metric)
+    full.legend(loc="best", fontsize="small")
+    return _save(fig, folder / f"compare_val_{metric}.png")
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def compare_test_accuracy(configs: Sequence[Mapping[str, Any]], run_rows: Sequence[Mapping[str, Any]],
+                          best: str | None, folder: Path) -> Path:
+    """`compare_test_accuracy.png`: per configuration the mean test accuracy with its 95% CI and
+    each seed as a dot, best on top."""
+    order = sorted(configs, key=lambda c: _nan_low(c["test_accuracy"]["mean"]))
+    fig = Figure(figsize=(8, 1.2 + 0.55 * len(order)))
+    ax = fig.add_subplot()
+    for y, config in enumerate(order):
+        d = config["test_accuracy"]
+        color = "tab:green" if config["run"] == best else "tab:blue"
+        err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
+        ax.errorbar(d["mean"], y, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
+        seeds = [r["test_accuracy"] for r in run_rows if r["run"] == config["run"]]
+        ax.plot(seeds, [y] * len(seeds), "|", color="black", markersize=10, alpha=0.6)
+    ax.set_yticks(range(len(order)), [c["run"] for c in order])
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("test accuracy (dot = mean, bar = 95% CI, ticks = seeds)")
+    ax.set_title("test accuracy per configuration" + (f" (best: {best})" if best else ""))
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, folder / "compare_test_accuracy.png")
+
+
+def _nan_low(value: float) -> float:
+    return value if np.isfinite(value) else -np.inf
+
+
+def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str) -> Path:
+    """Confusion matrix: counts written in the cells, colour by row share (recall per class)."""
+    n = len(classes)
+    share = ev.confusion / np.maximum(ev.confusion.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(1.2 + 0.62 * n, 0.9 + 0.55 * n))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i, j in np.ndindex(n, n):
+        ax.text(j, i, str(ev.confusion[i, j]), ha="center", va="center", fontsize=8,
+                color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title}\naccuracy {ev.accuracy:.2%} on {int(ev.support.sum())} images")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    return _save(fig, path)
+
+
+def misclassified(ev: Evaluation, dataset: Dataset, classes: Sequence[str], path: Path,
+                  title: str) -> Path:
+    """Grid of the most confident errors, each titled with true class, prediction, confidence."""
+    cols = 5
+    rows = max(1, -(-len(ev.worst) // cols))
+    fig = Figure(figsize=(2.1 * cols, 2.3 * rows + 0.6))
+    fig.suptitle(f"{title}: {len(ev.worst)} most confident errors")
+    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        ax.set_axis_off()
+        if k < len(ev.worst):
+            m = ev.worst[k]
+            ax.imshow(dataset.images[m.index], cmap="gray_r", vmin=0, vmax=255)
+            ax.set_title(f"true: {classes[m.true]}\npred: {classes[m.predicted]} "
+                         f"({m.confidence:.0%})\n#{m.index}", fontsize=8)
+    if not ev.worst:
+        fig.text(0.5, 0.5, "no errors", ha="center", va="center")
+    return _save(fig, path)
+
+
+def evaluation_plots(ev: Evaluation, dataset: Dataset, classes: Sequence[str], folder: Path,
+                     name: str) -> list[Path]:
+    """`confusion_<name>.png` and `misclassified_<name>.png` for one evaluated model."""
+    stem = safe_name(name)
+    return [
+        confusion(ev, classes, folder / f"confusion_{stem}.png", f"{name}: confusion matrix"),
+        misclassified(ev, dataset, classes, folder / f"misclassified_{stem}.png", name),
+    ]
