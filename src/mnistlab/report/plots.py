@@ -34,7 +34,8 @@ def safe_name(name: str) -> str:
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+        # No "Software" text chunk: the PNG carries no URL and is byte-stable across renders.
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     return path
 
 
