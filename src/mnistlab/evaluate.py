@@ -1,4 +1,4 @@
-"""A trained model on a labelled set: accuracy, loss, confusion matrix, per-class scores, worst errors."""
+"""A trained model on a labelled set: accuracy, loss, confusion matrix, per-class scores, errors."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from mnistlab.config import load_study
-from mnistlab.data.dataset import Dataset, make_splits
+from mnistlab.data import Dataset, load, make_splits
 from mnistlab.errors import DataError, MnistlabError
 from mnistlab.model import Checkpoint, load_checkpoint
 from mnistlab.runs import RunDir
@@ -109,26 +109,35 @@ def evaluate(ckpt: Checkpoint, dataset: Dataset, worst: int = 25) -> Evaluation:
     return Evaluation(accuracy, loss, confusion, mistakes)
 
 
-def format_evaluation(ev: Evaluation, classes: tuple[str, ...] | list[str], worst: int = 10) -> str:
-    """Plain-text tables for the terminal: totals, per-class scores, confusion matrix, worst errors."""
-    from rich.console import Console
+def _numeric_table(title: str, first: str, *numeric: str) -> Any:
+    """A Rich table: one left-aligned label column, then right-aligned number columns."""
     from rich.table import Table
 
-    per_class = Table("class", "precision", "recall", "F1", "support", title="per class")
+    table = Table(first, title=title)
+    for name in numeric:
+        table.add_column(name, justify="right")
+    return table
+
+
+def format_evaluation(ev: Evaluation, classes: tuple[str, ...] | list[str], worst: int = 10) -> str:
+    """Plain-text tables for the terminal: totals, per-class scores, confusion matrix, errors."""
+    from rich.console import Console
+
+    per_class = _numeric_table("per class", "class", "precision", "recall", "F1", "support")
     for name, p, r, f, s in zip(classes, ev.precision, ev.recall, ev.f1, ev.support, strict=True):
         per_class.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
-    confusion = Table("true \\ predicted", *classes, title="confusion matrix (rows: true class)")
+    confusion = _numeric_table("confusion matrix (rows: true class)", "true \\ predicted", *classes)
     for name, row in zip(classes, ev.confusion, strict=True):
         confusion.add_row(name, *(str(c) for c in row))
-    mistakes = Table("index", "true", "predicted", "confidence", title="most confident errors")
+    mistakes = _numeric_table("most confident errors", "index", "true", "predicted", "confidence")
     for m in ev.worst[:worst]:
         mistakes.add_row(str(m.index), classes[m.true], classes[m.predicted], f"{m.confidence:.1%}")
     buffer = io.StringIO()
     console = Console(file=buffer, width=120, color_system=None, highlight=False)
     console.print(f"accuracy {ev.accuracy:.4f}   loss {ev.loss:.4f}   "
                   f"({int(ev.support.sum())} images)", markup=False)
-    for table in (per_class, confusion, mistakes):
-        console.print(table)
+    for t in (per_class, confusion, mistakes):
+        console.print(t)
     return buffer.getvalue()
 
 
@@ -149,8 +158,6 @@ def study_test_set(run: RunDir, data: str | None = None) -> tuple[Dataset, str]:
 
     `data` replaces the study's source, e.g. a local path for a study run elsewhere.
     """
-    from mnistlab.data import load
-
     study = load_study(run.config_path)
     source = data or study.data
     splits = make_splits(load(source, progress=False), study.val_fraction, study.split_seed)
@@ -188,8 +195,6 @@ def evaluate_command(target: Path, data: str | None, out: Path | None) -> str:
 
 def _source_part(checkpoint: Path, data: str | None) -> tuple[Dataset, str]:
     """A source's test part, or its training part (with a note saying so) when it has none."""
-    from mnistlab.data import load
-
     if data is None:
         raise MnistlabError(f"{checkpoint}: a checkpoint alone has no data to score; "
                             "pass --data mnist|fashion-mnist|PATH (or a RUN_DIR instead)")

@@ -7,13 +7,14 @@ class names and the input normalisation. Loading never unpickles anything.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from mnistlab.config import RunConfig, run_config_from_dict, to_dict
@@ -66,10 +67,8 @@ class Checkpoint:
     seed: int | None = None
 
 
-def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
-    """Write atomically (temp + rename) so a crash never leaves a half-written checkpoint."""
-    from mnistlab.runs import atomic_path
-
+def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
+    """The checkpoint file's exact bytes, so a remote worker can ship a model without a disk."""
     meta = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(to_dict(ckpt.config)),
@@ -77,8 +76,14 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "seed": json.dumps(ckpt.seed),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    return save(tensors, metadata=meta)
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write atomically (temp + rename) so a crash never leaves a half-written checkpoint."""
+    from mnistlab.runs import atomic_write_bytes
+
+    atomic_write_bytes(path, checkpoint_bytes(ckpt))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -103,6 +108,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config = run_config_from_dict(json.loads(meta["config"]), where=str(path))
         raw = json.loads(meta["inputs"])
         inputs = InputSpec(tuple(raw["shape"]), tuple(raw["classes"]), raw["mean"], raw["std"])
+        if len(inputs.shape) != 2 or not all(isinstance(s, int) and s > 0 for s in inputs.shape):
+            raise ValueError(f"image shape {raw['shape']} is not [height, width]")
         seed = json.loads(meta.get("seed", "null"))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({exc}); {fix}") from None
@@ -117,3 +124,47 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
     model.eval()
     return Checkpoint(model, config, inputs, seed)
+
+
+# --- the stacked form the engine trains ---------------------------------------------------------
+# Parameters of N models of one architecture as tensors with a leading model dimension, named by
+# position among their kind (linear0, norm0, linear1, ...), so a model with Dropout modules and one
+# without map to the same names. Linear weights are stored transposed, (N, in, out), which is the
+# layout torch.baddbmm multiplies by; vectors are (N, 1, size) so they broadcast over a batch.
+
+
+def _named_layers(model: nn.Sequential) -> Iterator[tuple[str, nn.Linear | nn.LayerNorm]]:
+    counts = {"linear": 0, "norm": 0}
+    for module in model:
+        kind = {nn.Linear: "linear", nn.LayerNorm: "norm"}.get(type(module))
+        if kind:
+            yield f"{kind}{counts[kind]}", module
+            counts[kind] += 1
+
+
+def _member_views(model: nn.Sequential) -> dict[str, torch.Tensor]:
+    """One model's parameters as views in the stacked member layout (writes go through)."""
+    views = {}
+    for name, module in _named_layers(model):
+        weight = module.weight.detach()
+        views[f"{name}.weight"] = weight.T if isinstance(module, nn.Linear) else weight[None]
+        views[f"{name}.bias"] = module.bias.detach()[None]
+    return views
+
+
+def stack_models(models: Sequence[nn.Sequential]) -> dict[str, torch.Tensor]:
+    """Plain models of one architecture → stacked tensors (exact copies)."""
+    views = [_member_views(m) for m in models]
+    return {key: torch.stack([v[key] for v in views]).contiguous() for key in views[0]}
+
+
+def unstack_model(
+    stacked: Mapping[str, torch.Tensor], k: int, config: RunConfig,
+    input_dim: int = 784, n_classes: int = 10,
+) -> nn.Sequential:
+    """Model k of a stack as the plain `build_mlp(config)` model (exact copy, eval mode)."""
+    model = build_mlp(config, input_dim, n_classes)
+    with torch.no_grad():
+        for key, view in _member_views(model).items():
+            view.copy_(stacked[key][k])
+    return model.eval()

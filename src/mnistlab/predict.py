@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnistlab.data.csv import read_csv
 from mnistlab.errors import DataError, MnistlabError
 from mnistlab.model import Checkpoint, load_checkpoint
 from mnistlab.runs import atomic_write_text
@@ -37,7 +38,9 @@ class ImagePrediction:
     error: str | None = None
 
 
-def preprocess_image(img: Image.Image | np.ndarray, shape: tuple[int, int] = (28, 28)) -> np.ndarray:
+def preprocess_image(
+    img: Image.Image | np.ndarray, shape: tuple[int, int] = (28, 28)
+) -> np.ndarray:
     """Any picture of one digit → uint8 `shape` image in MNIST's form (white ink on black).
 
     Grayscale with transparency composited on white; inverted when the background (the median of
@@ -56,9 +59,10 @@ def _from_array(array: np.ndarray) -> Image.Image:
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+    if array.dtype != np.uint8 or array.shape[2:] not in ((), (3,), (4,)) or array.ndim < 2:
         raise MnistlabError(
-            f"image array must be uint8 (H, W), (H, W, 3) or (H, W, 4), got {array.dtype} {array.shape}"
+            "image array must be uint8 (H, W), (H, W, 3) or (H, W, 4), "
+            f"got {array.dtype} {array.shape}"
         )
     return Image.fromarray(array)
 
@@ -105,8 +109,8 @@ def _fit(digit: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def _centre(digit: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Paste into a black `shape` field with the centre of mass at the middle (integer shift)."""
-    mass = digit.sum()
-    com = [(digit.sum(axis=1 - axis) * np.arange(digit.shape[axis])).sum() / mass for axis in (0, 1)]
+    rows, cols = np.indices(digit.shape)
+    com = ((rows * digit).sum() / digit.sum(), (cols * digit).sum() / digit.sum())
     top, left = (
         int(np.clip(round(shape[a] / 2 - com[a]), 0, shape[a] - digit.shape[a])) for a in (0, 1)
     )
@@ -122,7 +126,7 @@ def _probabilities(ckpt: Checkpoint, images: np.ndarray) -> torch.Tensor:
             torch.softmax(ckpt.model(ckpt.inputs.prepare(images[i : i + BATCH])), dim=1)
             for i in range(0, len(images), BATCH)
         ]
-    return torch.cat(parts) if parts else torch.empty(0, len(ckpt.inputs.classes))
+    return torch.cat(parts)
 
 
 def _load_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -134,7 +138,7 @@ def _load_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
     except FileNotFoundError:
         raise MnistlabError(f"{path}: no such file; check the path") from None
     except UnidentifiedImageError:
-        raise MnistlabError(f"{path}: not an image Pillow can read; pass a PNG, JPEG or BMP") from None
+        raise MnistlabError(f"{path}: not an image file; pass a PNG, JPEG or BMP") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         detail = str(exc).replace("\n", " ")
         raise MnistlabError(f"{path}: unreadable image ({detail}); re-save it as PNG") from None
@@ -155,7 +159,8 @@ def predict_images(ckpt: Checkpoint, paths: Sequence[str | Path]) -> list[ImageP
         probs = _probabilities(ckpt, np.stack([image for _, image in good]))
         top = torch.topk(probs, k=min(3, probs.shape[1]), dim=1)
         classes = ckpt.inputs.classes
-        for (i, _), values, index in zip(good, top.values.tolist(), top.indices.tolist(), strict=True):
+        ranked = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        for (i, _), (index, values) in zip(good, ranked, strict=True):
             top3 = tuple((classes[c], round(p, 6)) for c, p in zip(index, values, strict=True))
             results[i] = ImagePrediction(str(paths[i]), top3[0][0], top3)
     return [results[i] for i in range(len(paths))]
@@ -167,9 +172,9 @@ def predict_csv(ckpt: Checkpoint, csv_path: str | Path, submission_path: str | P
     Reads any CSV layout the data layer reads (with or without a label column); writes atomically;
     returns the number of rows.
     """
-    from mnistlab.data.csv import read_csv
-
-    images = read_csv(csv_path).images
+    if Path(submission_path).is_dir():
+        raise MnistlabError(f"{submission_path}: is a directory; pass a file like submission.csv")
+    images = read_csv(csv_path, ckpt.inputs.classes).images
     if images.shape[1:] != ckpt.inputs.shape:
         raise DataError(
             csv_path,

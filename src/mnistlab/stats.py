@@ -18,7 +18,8 @@ TEST_NAME = "Welch's t-test on per-seed test accuracy, two-sided, Holm-corrected
 CONFIDENCE = 0.95
 # Per-seed values summarised for every configuration in summary.json.
 SUMMARISED = (
-    "test_accuracy", "final_val_accuracy", "best_val_accuracy", "test_loss", "train_val_gap", "seconds",
+    "test_accuracy", "final_val_accuracy", "best_val_accuracy", "test_loss", "train_val_gap",
+    "seconds",
 )
 
 

@@ -14,14 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab import engine, stats
-from mnistlab.config import StudyConfig, load_study, study_to_toml, to_dict
+from mnistlab.config import Schedule, StudyConfig, load_study, study_to_toml, to_dict
 from mnistlab.data import load, make_splits
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member
 from mnistlab.errors import MnistlabError
-from mnistlab.model import save_checkpoint
+from mnistlab.model import checkpoint_bytes
 from mnistlab.progress import StudyProgress
-from mnistlab.runs import RunDir, atomic_write_json, atomic_write_text, environment
+from mnistlab.runs import (
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    environment,
+)
 
 
 @dataclass
@@ -65,46 +71,164 @@ def _run_summary(member: Member, rows: list[dict], test: dict, diverged: int | N
     }
 
 
-def train_stack(
-    run_dir: RunDir,
-    index: int,
+@dataclass
+class StackResult:
+    """A stack's outcome plus each member's checkpoint file bytes: all a worker sends back."""
+
+    outcome: StackOutcome
+    models: list[bytes]
+
+
+def compute_stack(
     splits: Splits,
     members: Sequence[Member],
-    study: StudyConfig,
+    schedule: Schedule,
+    device: str,
+    *,
+    state_path: Path | None = None,
+    resume: bool = False,
+    on_record: Callable[[engine.RecordEvent], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> StackResult:
+    """Train one stack; writes nothing but the engine's resume state, so it can run anywhere."""
+    result = engine.train(
+        splits,
+        members,
+        schedule,
+        device=device,
+        state_path=state_path,
+        resume=resume,
+        on_record=on_record,
+        on_log=on_log,
+    )
+    runs = [
+        {
+            **_run_summary(m, result.rows, result.test[k], result.diverged[k]),
+            "seconds": result.seconds / len(members),
+        }
+        for k, m in enumerate(members)
+    ]
+    models = [checkpoint_bytes(result.checkpoint(k)) for k in range(len(members))]
+    return StackResult(StackOutcome(result.rows, runs, result.seconds, result.device), models)
+
+
+def _done_path(run_dir: RunDir, key: int | str) -> Path:
+    return run_dir.checkpoints / f"stack-{key}.json"
+
+
+def _state_path(run_dir: RunDir, key: int | str) -> Path:
+    return run_dir.checkpoints / f"state-{key}.safetensors"
+
+
+def finished_stack(run_dir: RunDir, key: int | str) -> StackOutcome | None:
+    """The recorded outcome of stack `key`, or None when it has not finished."""
+    path = _done_path(run_dir, key)
+    if not path.is_file():
+        return None
+    return StackOutcome(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def record_stack(
+    run_dir: RunDir, key: int | str, members: Sequence[Member], result: StackResult
+) -> StackOutcome:
+    """Write each member's model, then the done file that marks the stack finished; the stack's
+    resume state is no longer needed."""
+    for member, model in zip(members, result.models, strict=True):
+        atomic_write_bytes(run_dir.model_path(member.config.name, member.seed), model)
+    atomic_write_json(_done_path(run_dir, key), result.outcome.__dict__)
+    _state_path(run_dir, key).unlink(missing_ok=True)
+    return result.outcome
+
+
+def train_stack(
+    run_dir: RunDir,
+    key: int | str,
+    splits: Splits,
+    members: Sequence[Member],
+    schedule: Schedule,
+    device: str,
     *,
     resume: bool = False,
     on_record: Callable[[engine.RecordEvent], None] | None = None,
     on_log: Callable[[str], None] | None = None,
 ) -> StackOutcome:
-    """Train one stack (or reuse its recorded outcome on resume) and save each member's model."""
-    done_path = run_dir.checkpoints / f"stack-{index}.json"
-    if resume and done_path.is_file():
-        return StackOutcome(**json.loads(done_path.read_text(encoding="utf-8")))
-    state_path = run_dir.checkpoints / f"state-{index}.safetensors"
-    result = engine.train(
+    """Train one stack in this process (or reuse its recorded outcome on resume) and record it.
+
+    An unfinished stack continues from the engine's last epoch-end state on resume.
+    """
+    if resume and (done := finished_stack(run_dir, key)) is not None:
+        return done
+    state_path = _state_path(run_dir, key)
+    result = compute_stack(
         splits,
         members,
-        study.schedule,
-        device=study.device,
+        schedule,
+        device,
         state_path=state_path,
         resume=resume and state_path.is_file(),
         on_record=on_record,
         on_log=on_log,
     )
-    runs = []
-    for k, member in enumerate(members):
-        save_checkpoint(run_dir.model_path(member.config.name, member.seed), result.checkpoint(k))
-        summary = _run_summary(member, result.rows, result.test[k], result.diverged[k])
-        runs.append({**summary, "seconds": result.seconds / len(members)})
-    outcome = StackOutcome(result.rows, runs, result.seconds, result.device)
-    atomic_write_json(done_path, outcome.__dict__)
-    state_path.unlink(missing_ok=True)
-    return outcome
+    return record_stack(run_dir, key, members, result)
+
+
+def train_stacks(
+    run_dir: RunDir,
+    splits: Splits,
+    stacks: Sequence[tuple[int | str, Sequence[Member], Schedule]],
+    device: str,
+    *,
+    resume: bool,
+    display: StudyProgress,
+    on_done: Callable[[list[StackOutcome]], None],
+) -> list[StackOutcome]:
+    """Train (key, members, schedule) stacks one after another in this process, with progress.
+
+    `on_done` gets the outcomes so far after each stack (to rewrite metrics.csv as results come).
+    """
+    outcomes = []
+    for i, (key, members, schedule) in enumerate(stacks):
+        steps = _steps_per_epoch(len(splits.train), schedule) * schedule.epochs
+        display.start_stack(i, len(stacks), sorted({m.config.name for m in members}), steps)
+        try:
+            outcome = train_stack(
+                run_dir,
+                key,
+                splits,
+                members,
+                schedule,
+                device,
+                resume=resume,
+                on_record=display.on_record,
+                on_log=display.on_log,
+            )
+        finally:
+            display.end_stack()
+        outcomes.append(outcome)
+        on_done(outcomes)
+    return outcomes
+
+
+def latest(outcomes: Sequence[StackOutcome]) -> tuple[list[dict], list[dict]]:
+    """(metric rows, per-run summaries), each (run, seed) from the last outcome that holds it.
+
+    A study trains every (run, seed) once; a successive-halving sweep retrains survivors for
+    longer, and only their longest training counts.
+    """
+    rows: dict[tuple, list[dict]] = {}
+    runs: dict[tuple, dict] = {}
+    for outcome in outcomes:
+        mine: dict[tuple, list[dict]] = {}
+        for row in outcome.rows:
+            mine.setdefault((row["run"], row["seed"]), []).append(row)
+        rows |= mine
+        runs |= {(r["run"], r["seed"]): r for r in outcome.runs}
+    return [r for rs in rows.values() for r in rs], list(runs.values())
 
 
 def summarize(study: StudyConfig, splits: Splits, outcomes: Sequence[StackOutcome]) -> dict:
     """summary.json: per run and seed, per configuration with CIs, and the comparisons."""
-    runs = [r for o in outcomes for r in o.runs]
+    runs = latest(outcomes)[1]
     order = {c.name: i for i, c in enumerate(study.runs)}
     runs.sort(key=lambda r: (order[r["run"]], r["seed"]))
     configs, comparisons = stats.summarize(runs, {c.name: to_dict(c) for c in study.runs})
@@ -117,16 +241,16 @@ def summarize(study: StudyConfig, splits: Splits, outcomes: Sequence[StackOutcom
         "device": outcomes[0].device if outcomes else "",
         "seeds": list(study.seeds),
         "seconds": sum(o.seconds for o in outcomes),
-        "steps_per_epoch": _steps_per_epoch(len(splits.train), study),
+        "steps_per_epoch": _steps_per_epoch(len(splits.train), study.schedule),
         "runs": runs,
         "configs": configs,
         "comparisons": comparisons,
     }
 
 
-def _steps_per_epoch(n_train: int, study: StudyConfig) -> int:
-    batch = study.schedule.batch_size
-    return n_train // batch if study.schedule.drop_last else -(-n_train // batch)
+def _steps_per_epoch(n_train: int, schedule: Schedule) -> int:
+    batch = schedule.batch_size
+    return n_train // batch if schedule.drop_last else -(-n_train // batch)
 
 
 def prepare(study: StudyConfig, *, out: Path, resume: Path | None) -> tuple[StudyConfig, RunDir]:
@@ -168,27 +292,16 @@ def run_study(
         display.note(splits.note)
     device = str(engine.resolve_device(study.device))
     atomic_write_json(run_dir.env_path, environment({"seeds": list(study.seeds)}, device))
-    stacks = plan_stacks(study)
-    steps = _steps_per_epoch(len(splits.train), study) * study.schedule.epochs
-    outcomes: list[StackOutcome] = []
-    for i, members in enumerate(stacks):
-        display.start_stack(i, len(stacks), sorted({m.config.name for m in members}), steps)
-        try:
-            outcomes.append(
-                train_stack(
-                    run_dir,
-                    i,
-                    splits,
-                    members,
-                    study,
-                    resume=resume is not None,
-                    on_record=display.on_record,
-                    on_log=display.on_log,
-                )
-            )
-        finally:
-            display.end_stack()
-        run_dir.write_metrics(r for o in outcomes for r in o.rows)
+    stacks = [(i, members, study.schedule) for i, members in enumerate(plan_stacks(study))]
+    outcomes = train_stacks(
+        run_dir,
+        splits,
+        stacks,
+        study.device,
+        resume=resume is not None,
+        display=display,
+        on_done=lambda done: run_dir.write_metrics(latest(done)[0]),
+    )
     summary = summarize(study, splits, outcomes)
     run_dir.write_summary(summary)
     if render:

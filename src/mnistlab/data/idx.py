@@ -31,17 +31,23 @@ def read_bytes(path: str | Path) -> bytes:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise DataError(path, f"cannot read ({exc.strerror})", "check the path and permissions") from None
+        raise DataError(
+            path, f"cannot read ({exc.strerror})", "check the path and permissions"
+        ) from None
     return gunzip(data, path) if data.startswith(GZIP_MAGIC) else data
 
 
 def gunzip(data: bytes, path: str | Path) -> bytes:
-    """Decompress every gzip member in `data`; corruption is a DataError at its exact byte offset."""
+    """Decompress every gzip member in `data`; corruption is a DataError at its byte offset."""
     out, pos = [], 0
     while pos < len(data):
         if not data.startswith(GZIP_MAGIC, pos):
-            raise DataError(path, f"{len(data) - pos} unexpected bytes after the gzip stream", REFETCH,
-                            where=f"byte {pos}")
+            raise DataError(
+                path,
+                f"{len(data) - pos} unexpected bytes after the gzip stream",
+                REFETCH,
+                where=f"byte {pos}",
+            )
         pos = _gunzip_member(data, pos, path, out)
     return b"".join(out)
 
@@ -50,25 +56,28 @@ def _gunzip_member(data: bytes, pos: int, path: str | Path, out: list[bytes]) ->
     """Append one member's payload to `out`; return the offset just past the member."""
     stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     for start in range(pos, len(data), _CHUNK):
-        chunk = data[start:start + _CHUNK]
+        chunk = data[start : start + _CHUNK]
         before = stream.copy()  # kept so a failure can be replayed byte by byte to its offset
         try:
             out.append(stream.decompress(chunk))
         except zlib.error as exc:
             offset = start + _failing_byte(before, chunk)
             reason = str(exc).rpartition(": ")[2] or str(exc)  # zlib's words after "Error -3 ...: "
-            raise DataError(path, f"corrupt gzip data ({reason})", REFETCH, where=f"byte {offset}") from None
+            raise DataError(
+                path, f"corrupt gzip data ({reason})", REFETCH, where=f"byte {offset}"
+            ) from None
         if stream.eof:
             return start + len(chunk) - len(stream.unused_data)
-    raise DataError(path, "gzip stream ends early: the file is truncated", REFETCH,
-                    where=f"byte {len(data)}")
+    raise DataError(
+        path, "gzip stream ends early: the file is truncated", REFETCH, where=f"byte {len(data)}"
+    )
 
 
 def _failing_byte(stream: zlib._Decompress, chunk: bytes) -> int:
     """Index in `chunk` of the byte at which `stream` reports corruption."""
     for i in range(len(chunk)):
         try:
-            stream.decompress(chunk[i:i + 1])
+            stream.decompress(chunk[i : i + 1])
         except zlib.error:
             return i
     return len(chunk) - 1
@@ -78,26 +87,49 @@ def parse(data: bytes, path: str | Path, ndim: int) -> np.ndarray:
     """The uint8 array held by IDX bytes of `ndim` dimensions, after checking every header field."""
     kind, suffix = ("images", "idx3-ubyte") if ndim == IMAGES_NDIM else ("labels", "idx1-ubyte")
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(path, f"file ends inside the {header}-byte IDX header ({len(data)} bytes)",
-                        REFETCH, where=f"byte {len(data)}")
     magic = int.from_bytes(data[:4], "big")
-    if data[:2] != b"\0\0" or data[3] != ndim:
-        raise DataError(path, f"not an IDX {kind} file (magic number 0x{magic:08x}, expected "
-                        f"0x{(UBYTE << 8) | ndim:08x})", f"pass a *-{suffix} {kind} file",
-                        where="byte 0")
-    if data[2] != UBYTE:
-        raise DataError(path, f"IDX element type 0x{data[2]:02x} is not supported (only 0x08, "
-                        "unsigned bytes)", "convert the data to uint8", where="byte 2")
+    if len(data) >= 4 and (data[:2] != b"\0\0" or data[3] != ndim):
+        raise DataError(
+            path,
+            f"not an IDX {kind} file (magic number 0x{magic:08x}, expected "
+            f"0x{(UBYTE << 8) | ndim:08x})",
+            f"pass a *-{suffix} {kind} file",
+            where="byte 0",
+        )
+    if len(data) >= 4 and data[2] != UBYTE:
+        raise DataError(
+            path,
+            f"IDX element type 0x{data[2]:02x} is not supported (only 0x08, unsigned bytes)",
+            "convert the data to uint8",
+            where="byte 2",
+        )
+    if len(data) < header:
+        raise DataError(
+            path,
+            f"file ends inside the {header}-byte IDX header ({len(data)} bytes)",
+            REFETCH,
+            where=f"byte {len(data)}",
+        )
     dims = struct.unpack(f">{ndim}I", data[4:header])
     if 0 in dims:
-        raise DataError(path, f"header declares an empty array of shape {dims}",
-                        f"pass a file that holds {kind}", where="byte 4")
+        raise DataError(
+            path,
+            f"header declares an empty array of shape {dims}",
+            f"pass a file that holds {kind}",
+            where="byte 4",
+        )
     end = header + math.prod(dims)
     if len(data) != end:
-        what = "file ends early" if len(data) < end else f"{len(data) - end} unexpected bytes follow"
-        raise DataError(path, f"{what}: the header promises {dims[0]} {kind} of shape {dims[1:]} "
-                        f"ending at byte {end}", REFETCH, where=f"byte {min(len(data), end)}")
+        what = (
+            "file ends early" if len(data) < end else f"{len(data) - end} unexpected bytes follow"
+        )
+        shape = f" of {'x'.join(map(str, dims[1:]))}" if ndim > 1 else ""
+        raise DataError(
+            path,
+            f"{what}: the header promises {dims[0]} {kind}{shape} ending at byte {end}",
+            REFETCH,
+            where=f"byte {min(len(data), end)}",
+        )
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
 
 
@@ -112,18 +144,26 @@ def read_labels(path: str | Path, num_classes: int = len(DIGITS)) -> np.ndarray:
     bad = np.flatnonzero(labels >= num_classes)
     if bad.size:
         i = int(bad[0])
-        raise DataError(path, f"label {labels[i]} of item {i} is outside 0..{num_classes - 1}",
-                        "pass the labels file that belongs to this dataset", where=f"byte {8 + i}")
+        raise DataError(
+            path,
+            f"label {labels[i]} of item {i} is outside 0..{num_classes - 1}",
+            "pass the labels file that belongs to this dataset",
+            where=f"byte {8 + i}",
+        )
     return labels
 
 
-def read_idx(images_path: str | Path, labels_path: str | Path,
-             classes: tuple[str, ...] = DIGITS) -> Dataset:
+def read_idx(
+    images_path: str | Path, labels_path: str | Path, classes: tuple[str, ...] = DIGITS
+) -> Dataset:
     """One labelled part (train or t10k) from its images and labels files."""
     images, labels = read_images(images_path), read_labels(labels_path, len(classes))
     if len(images) != len(labels):
-        raise DataError(labels_path, f"{len(labels)} labels for {len(images)} images in {images_path}",
-                        "pass the images and labels files of the same split")
+        raise DataError(
+            labels_path,
+            f"{len(labels)} labels for {len(images)} images in {images_path}",
+            "pass the images and labels files of the same split",
+        )
     return Dataset(images, labels, classes, origin=str(images_path))
 
 
@@ -134,7 +174,9 @@ def encode(array: np.ndarray) -> bytes:
             raise ValueError("IDX stores unsigned bytes: values must be in 0..255")
         array = array.astype(np.uint8)
     magic = struct.pack(">BBBB", 0, 0, UBYTE, array.ndim)
-    return magic + struct.pack(f">{array.ndim}I", *array.shape) + np.ascontiguousarray(array).tobytes()
+    return (
+        magic + struct.pack(f">{array.ndim}I", *array.shape) + np.ascontiguousarray(array).tobytes()
+    )
 
 
 def write(path: str | Path, array: np.ndarray) -> None:

@@ -1,0 +1,168 @@
+"""From a name or a path to a Source: find the files, pick each reader by content, check the parts.
+
+A directory may hold an IDX set (train-*/t10k-* images and labels, gzipped or raw), a CSV pair
+(Kaggle train.csv + test.csv, or mnist_train.csv + mnist_test.csv), a single CSV or an .npz.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from pathlib import Path
+
+from mnistlab.data.csv import read_csv
+from mnistlab.data.dataset import DIGITS, Dataset, Source
+from mnistlab.data.idx import GZIP_MAGIC, read_idx
+from mnistlab.data.npz import read_npz
+from mnistlab.errors import DataError, MnistlabError
+
+IDX_NAME = re.compile(r"(train|t10k)-(images|labels)[.-]idx[13]-ubyte(\.gz)?")
+CSV_PAIRS = (("train.csv", "test.csv"), ("mnist_train.csv", "mnist_test.csv"))
+EXPECTED = (
+    "IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz and/or the t10k- "
+    "pair), train.csv + test.csv, mnist_train.csv + mnist_test.csv, one .csv or one .npz"
+)
+Parts = tuple[Dataset, Dataset | None]
+
+
+def _sniff(path: Path) -> str:
+    """ "npz", "idx" or "csv", from the first bytes of the (gunzipped) content, not the name."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(GZIP_MAGIC):
+        try:
+            head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(head, 4)
+        except zlib.error:
+            return "csv"  # the reader reports the corruption with its offset
+    if head.startswith(b"PK"):
+        return "npz"
+    return "idx" if head[:3] == b"\0\0\x08" else "csv"
+
+
+def _load_file(path: Path, classes: tuple[str, ...]) -> Parts:
+    kind = _sniff(path)
+    if kind == "npz":
+        return read_npz(path, classes)
+    if kind == "idx":
+        raise DataError(
+            path,
+            "an IDX file alone has no partner (images need labels)",
+            "pass the folder that holds both the images and the labels files",
+        )
+    return read_csv(path, classes), None
+
+
+def _idx_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
+    """{"train"|"t10k": (images, labels)} for each complete pair; raw files win over .gz twins."""
+    found: dict[tuple[str, str], Path] = {}
+    for path in sorted(directory.iterdir(), key=lambda p: p.name.endswith(".gz"), reverse=True):
+        match = IDX_NAME.fullmatch(path.name)
+        if match and path.is_file():
+            found[match.group(1), match.group(2)] = path  # raw files come last and overwrite
+    pairs = {
+        s: (found[s, "images"], found[s, "labels"])
+        for s in ("train", "t10k")
+        if (s, "images") in found and (s, "labels") in found
+    }
+    if found and not pairs:
+        lone = ", ".join(p.name for p in found.values())
+        raise DataError(
+            directory,
+            f"IDX files without their partner ({lone})",
+            "add the matching images/labels file of each split",
+        )
+    return pairs
+
+
+def _load_idx(pairs: dict[str, tuple[Path, Path]], classes: tuple[str, ...]) -> Parts:
+    parts = {s: read_idx(images, labels, classes) for s, (images, labels) in pairs.items()}
+    if "train" in parts:
+        return parts["train"], parts.get("t10k")
+    return parts["t10k"], None  # a test set alone is the one labelled part; Splits hold out a test
+
+
+def _load_dir(directory: Path, classes: tuple[str, ...]) -> Parts:
+    pairs = _idx_pairs(directory)
+    if pairs:
+        return _load_idx(pairs, classes)
+    for train_name, test_name in CSV_PAIRS:
+        if (directory / train_name).is_file() and (directory / test_name).is_file():
+            return read_csv(directory / train_name, classes), read_csv(
+                directory / test_name, classes
+            )
+    candidates = sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and p.name.endswith((".csv", ".csv.gz", ".npz"))
+    )
+    if len(candidates) == 1:
+        return _load_file(candidates[0], classes)
+    problem = (
+        f"several candidate files ({', '.join(p.name for p in candidates)})"
+        if candidates
+        else "no MNIST-format data found"
+    )
+    raise DataError(directory, problem, f"pass one file, or a folder holding {EXPECTED}")
+
+
+def load_path(
+    path: str | Path, *, name: str | None = None, classes: tuple[str, ...] = DIGITS
+) -> Source:
+    """The Source held by a file or directory; `name` defaults to the path's, classes to digits."""
+    path = Path(path)
+    if path.is_dir():
+        train, test = _load_dir(path, classes)
+    elif path.is_file():
+        train, test = _load_file(path, classes)
+    else:
+        raise DataError(path, "no such file or directory", "check the path")
+    if test is not None and test.images.shape[1:] != train.images.shape[1:]:
+        raise DataError(
+            test.origin,
+            f"images are {_shape(test)} but the training images are {_shape(train)}",
+            "use train and test files of the same dataset",
+        )
+    return Source(name or path.name, train, test)
+
+
+def load(source: str | Path, *, download: bool = True, progress: bool = True) -> Source:
+    """A registered dataset name (fetched and cached as needed) or an existing file/directory."""
+    from mnistlab.data import sources  # lazy: a path needs neither the registry nor the network
+
+    if isinstance(source, str) and source in sources.REGISTRY:
+        info = sources.REGISTRY[source]
+        directory = sources.locate(source, download=download, progress=progress)
+        return load_path(directory, name=info.name, classes=tuple(info.classes))
+    if Path(source).exists():
+        return load_path(source)
+    raise MnistlabError(
+        f"{source}: neither a known dataset ({', '.join(sorted(sources.REGISTRY))}) "
+        "nor an existing file or folder; pass a dataset name or a path that exists"
+    )
+
+
+def _shape(dataset: Dataset) -> str:
+    return "x".join(map(str, dataset.images.shape[1:]))
+
+
+def _describe_part(title: str, dataset: Dataset) -> list[str]:
+    lines = [
+        f"{title}: {dataset.origin}",
+        f"  rows: {len(dataset)}",
+        f"  image shape: {_shape(dataset)}",
+        f"  pixel min/max: {int(dataset.images.min())}/{int(dataset.images.max())}",
+    ]
+    if dataset.labels is None:
+        lines.append("  labels: none (unlabelled)")
+    else:
+        counts = ", ".join(f"{name}: {n}" for name, n in dataset.class_counts().items())
+        lines += [f"  labels: yes, {len(dataset.classes)} classes", f"  class counts: {counts}"]
+    lines.append("  nulls found: 0")  # every reader rejects a missing value with its location
+    return lines
+
+
+def describe(source: Source) -> str:
+    """The `mnistlab data check` summary: per part rows, shape, classes and counts, pixel range."""
+    lines = [f"source: {source.name}", *_describe_part("train", source.train)]
+    lines += _describe_part("test", source.test) if source.test is not None else ["test: none"]
+    return "\n".join(lines)

@@ -1,0 +1,388 @@
+"""The training engine: one call trains a stack of N models on one split, resumably.
+
+Data live on the device once, as one float tensor each for train/validation/test; a batch is an
+index slice of the epoch's permutation (one permutation per seed, so models of one seed see the
+same batches). Metrics accumulate on the device and are read only at a record, a log line or the
+end, so a step never waits for the device.
+
+The schedule (mnistlab.config.Schedule):
+- A step is one minibatch; steps are numbered 1.. globally. The last partial batch of an epoch is
+  used unless `drop_last`.
+- A record at every `record_every`-th step and also after the last step, so the final weights are
+  always recorded. A record holds per model a "train" row (mean over the steps since the previous
+  record of the per-step mean loss/accuracy, train mode) and a "val" row (the whole validation set,
+  eval mode).
+- A log line per model when the step within the epoch is a multiple of `log_every`, with that
+  step's batch loss: `baseline seed0 | epoch 1/10 | step 250/375 | loss 0.2345`.
+- Divergence: a model whose batch loss is NaN/inf at step s is `diverged` at s and frozen from
+  then on (that step's update is skipped; weights and Adam moments never change again); its rows
+  from that record on and its test metrics carry NaN. The other models are unaffected.
+- Resume state: at every epoch end and on Ctrl-C (taken between steps), everything needed to
+  continue bit for bit goes to `state_path` atomically: safetensors for tensors (weights, Adam
+  moments, generator states, permutations), JSON in its metadata for the rest. No pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mnistlab.config import RunConfig, Schedule, to_dict
+from mnistlab.data.dataset import Dataset, Splits
+from mnistlab.errors import CheckpointError, MnistlabError
+from mnistlab.model import Checkpoint, InputSpec, unstack_model
+from mnistlab.runs import atomic_path
+from mnistlab.stack import Stack, cross_entropy, derived_seed
+
+STATE_FORMAT = "mnistlab-train-state/1"
+EVAL_CHUNK = 4096  # validation/test rows per forward pass: large GEMMs, bounded memory
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of the stack."""
+
+    config: RunConfig
+    seed: int
+
+
+@dataclass
+class RecordEvent:
+    """Passed to `on_record` after every record."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    rows: list[dict]
+
+
+@dataclass
+class TrainResult:
+    rows: list[dict]  # run, seed, step, epoch, split ("train"|"val"), loss, accuracy
+    test: list[dict]  # per member: {"loss", "accuracy"} on splits.test, once at the end
+    diverged: list[int | None]  # per member: the step whose loss was NaN/inf, else None
+    seconds: float  # training wall time (all sessions of a resumed run; no data loading)
+    device: str
+    members: list[Member]
+    inputs: InputSpec
+    weights: dict[str, Tensor]  # the stacked weights, on the CPU
+
+    def checkpoint(self, k: int) -> Checkpoint:
+        """Member k as a plain nn.Sequential, with its config, input spec and seed."""
+        config = self.members[k].config
+        dim = self.inputs.shape[0] * self.inputs.shape[1]
+        model = unstack_model(self.weights, k, config, dim, len(self.inputs.classes))
+        return Checkpoint(model, config, self.inputs, self.members[k].seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto → CUDA, then MPS, then CPU; a named device must exist here."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device(next((d for d, ok in available.items() if ok), "cpu"))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MnistlabError(f"unknown device '{name}'; use auto, cpu, cuda or mps") from None
+    if device.type not in ("cpu", *available):
+        raise MnistlabError(f"unsupported device '{name}'; use auto, cpu, cuda or mps")
+    if device.type != "cpu" and not available[device.type]:
+        raise MnistlabError(f"device '{name}' is not available on this machine; use auto or cpu")
+    return device
+
+
+def input_spec(train: Dataset, input_norm: str) -> InputSpec:
+    """Shape, classes and normalisation; "standardize" uses the training split's pixel mean/std."""
+    mean, std = 0.0, 1.0
+    if input_norm == "standardize":
+        counts = np.bincount(train.images.ravel(), minlength=256).astype(np.float64)
+        values = np.arange(256) / 255.0
+        mean = float(counts @ values / counts.sum())
+        std = float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum())) or 1.0
+    return InputSpec(tuple(train.images.shape[1:]), tuple(train.classes), mean, std)
+
+
+def evaluate(stack: Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
+    """Mean loss and accuracy per model over all of (x, y), in eval mode."""
+    loss = torch.zeros(stack.n, dtype=torch.float64, device=x.device)
+    correct = torch.zeros(stack.n, dtype=torch.int64, device=x.device)
+    for a in range(0, len(x), EVAL_CHUNK):
+        xc, yc = x[a : a + EVAL_CHUNK], y[a : a + EVAL_CHUNK]
+        logits, _ = stack.forward(xc.expand(stack.n, -1, -1))
+        logp = torch.log_softmax(logits, -1)
+        loss -= logp.gather(-1, yc.expand(stack.n, -1).unsqueeze(-1)).sum((1, 2))
+        correct += (logits.argmax(-1) == yc).sum(1)
+    n = len(x) or math.nan
+    return (loss / n).tolist(), (correct.double() / n).tolist()
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C sets a flag the loop checks between steps, so a saved state is never half a step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hits.append(1))
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()[:16]
+
+
+class _Training:
+    """One train() call's mutable state: exactly what a resume state file holds."""
+
+    def __init__(self, splits: Splits, members: list[Member], schedule: Schedule,
+                 device: torch.device, spec: InputSpec):
+        self.members, self.schedule, self.device = members, schedule, device
+        self.x, self.y = self._on_device(splits.train, spec)
+        self.val = self._on_device(splits.val, spec)
+        n, batch = len(self.x), schedule.batch_size
+        self.steps_per_epoch = n // batch if schedule.drop_last else math.ceil(n / batch)
+        if self.steps_per_epoch == 0 or len(self.val[0]) == 0:
+            raise MnistlabError(
+                f"{splits.train.origin}: {n} training / {len(self.val[0])} validation images are "
+                f"too few for batch size {batch}; use more data or a smaller batch"
+            )
+        self.total = self.steps_per_epoch * schedule.epochs
+        self.seeds = list(dict.fromkeys(m.seed for m in members))
+        self.group = torch.tensor([self.seeds.index(m.seed) for m in members], device=device)
+        self.order_rngs = [
+            torch.Generator().manual_seed(derived_seed("order", s)) for s in self.seeds
+        ]
+        configs, seeds = [m.config for m in members], [m.seed for m in members]
+        self.stack = Stack.initial(configs, seeds, self.x.shape[1], len(spec.classes), device)
+        zeros = torch.zeros(len(members), device=device)
+        self.frozen, self.loss_sum, self.acc_sum = zeros, zeros.clone(), zeros.clone()
+        self.diverged_at = torch.zeros(len(members), dtype=torch.int64, device=device)
+        self.perms: Tensor | None = None
+        self.last_loss = zeros.clone()
+        self.step, self.since, self.seconds = 0, 0, 0.0
+        self.rows: list[dict] = []
+        self.fingerprint = json.loads(json.dumps({
+            "members": [[to_dict(m.config), m.seed] for m in members],
+            "schedule": to_dict(schedule),
+            "data": _digest(splits.train.images, splits.train.labels, splits.val.images,
+                            splits.val.labels),
+            "device": device.type,
+        }))
+
+    def _on_device(self, part: Dataset, spec: InputSpec) -> tuple[Tensor, Tensor]:
+        labels = torch.as_tensor(part.labels)
+        return spec.prepare(part.images).to(self.device), labels.to(self.device)
+
+    def batch(self) -> tuple[Tensor, Tensor]:
+        """Inputs (N, B, D) and labels (N, B) of the current step: each model its seed's batch."""
+        i = self.step % self.steps_per_epoch
+        if i == 0:
+            perms = [torch.randperm(len(self.x), generator=g) for g in self.order_rngs]
+            self.perms = torch.stack(perms).to(self.device)
+        index = self.perms[:, i * self.schedule.batch_size : (i + 1) * self.schedule.batch_size]
+        x, y = self.x[index], self.y[index]
+        if len(self.seeds) == 1:
+            return x.expand(len(self.members), -1, -1), y.expand(len(self.members), -1)
+        return x[self.group], y[self.group]
+
+    def train_step(self) -> None:
+        x, y = self.batch()
+        logits, hidden = self.stack.forward(x, train=True)
+        loss, accuracy, dlogits = cross_entropy(logits, y)
+        self.step += 1
+        bad = ~torch.isfinite(loss)
+        self.diverged_at = torch.where(bad & (self.frozen == 0), self.step, self.diverged_at)
+        self.frozen = torch.maximum(self.frozen, bad.to(self.frozen.dtype))
+        self.stack.backward(dlogits, hidden)
+        self.stack.adam(self.frozen)
+        self.loss_sum += loss
+        self.acc_sum += accuracy
+        self.since += 1
+        self.last_loss = loss
+
+    def record(self) -> list[dict]:
+        val_loss, val_acc = evaluate(self.stack, *self.val)
+        train_loss = (self.loss_sum / self.since).tolist()
+        train_acc = (self.acc_sum / self.since).tolist()
+        dead = [d > 0 for d in self.diverged_at.tolist()]
+        epoch = round(self.step / self.steps_per_epoch, 6)
+        rows = [
+            {"run": m.config.name, "seed": m.seed, "step": self.step, "epoch": epoch,
+             "split": split, "loss": math.nan if dead[k] else loss[k],
+             "accuracy": math.nan if dead[k] else acc[k]}
+            for k, m in enumerate(self.members)
+            for split, loss, acc in (("train", train_loss, train_acc), ("val", val_loss, val_acc))
+        ]
+        self.loss_sum.zero_()
+        self.acc_sum.zero_()
+        self.since = 0
+        self.rows += rows
+        return rows
+
+    def log_lines(self) -> list[str]:
+        epoch, i = divmod(self.step - 1, self.steps_per_epoch)
+        if (i + 1) % self.schedule.log_every:
+            return []
+        where = f"epoch {epoch + 1}/{self.schedule.epochs} | step {i + 1}/{self.steps_per_epoch}"
+        return [
+            f"{m.config.name} seed{m.seed} | {where} | loss {loss:.4f}"
+            for m, loss in zip(self.members, self.last_loss.tolist(), strict=True)
+        ]
+
+    def diverged(self) -> list[int | None]:
+        return [d or None for d in self.diverged_at.tolist()]
+
+    # --- resume state -------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        tensors = {
+            **self.stack.state(),
+            **{f"order_rng.{j}": g.get_state() for j, g in enumerate(self.order_rngs)},
+            "frozen": self.frozen, "diverged_at": self.diverged_at,
+            "loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
+            **({"perms": self.perms} if self.perms is not None else {}),
+        }
+        progress = {"step": self.step, "since": self.since, "seconds": self.seconds,
+                    "rows": self.rows}
+        meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint),
+                "progress": json.dumps(progress)}
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata=meta)
+
+    def load(self, path: Path) -> None:
+        fix = "pass the state file of this run, or start a new run without resuming"
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable resume state ({exc}); {fix}") from None
+        if meta.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{path}: not an mnistlab resume state ({STATE_FORMAT}); {fix}")
+        try:
+            saved = json.loads(meta["fingerprint"])
+            progress = json.loads(meta["progress"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: damaged resume state metadata ({exc}); {fix}") from None
+        for what, mine in self.fingerprint.items():
+            if saved.get(what) != mine:
+                raise MnistlabError(
+                    f"{path}: this resume state was written for other {what} than this run's; "
+                    "resume with the same configurations, seeds, schedule, data and device, "
+                    "or start a new run"
+                )
+        try:
+            self._restore(tensors, progress)
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: damaged resume state ({exc}); {fix}") from None
+
+    def _restore(self, tensors: dict[str, Tensor], progress: dict) -> None:
+        self.step, self.since = progress["step"], progress["since"]
+        self.seconds, self.rows = progress["seconds"], progress["rows"]
+        self.stack.load_state(tensors, self.step)
+        for j, g in enumerate(self.order_rngs):
+            g.set_state(tensors[f"order_rng.{j}"])
+        for name in ("frozen", "diverged_at", "loss_sum", "acc_sum"):
+            getattr(self, name).copy_(tensors[name])
+        if "perms" in tensors:
+            self.perms = tensors["perms"].to(self.device)
+
+
+def _check_members(members: Sequence[Member]) -> None:
+    if not members:
+        raise MnistlabError("engine.train needs at least one member")
+    first = members[0].config
+    for m in members:
+        if m.config.architecture != first.architecture:
+            raise MnistlabError(
+                f"runs '{first.name}' and '{m.config.name}' differ in architecture (hidden, "
+                "activation, layernorm, dropout_after, input_norm); train them in separate stacks"
+            )
+    keys = [(m.config.name, m.seed) for m in members]
+    if len(set(keys)) != len(keys):
+        raise MnistlabError("each (run name, seed) may appear once in a stack; rename duplicates")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(
+    splits: Splits,
+    members: Sequence[Member],
+    schedule: Schedule,
+    *,
+    device: str = "auto",
+    state_path: Path | None = None,
+    resume: bool = False,
+    on_record: Callable[[RecordEvent], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train every member on `splits` (see the module docstring for the schedule and faults).
+
+    With `resume` and an existing `state_path`, continue from it; the result equals an
+    uninterrupted run's exactly. A missing state file starts from scratch.
+    """
+    members = list(members)
+    _check_members(members)
+    dev = resolve_device(device)
+    spec = input_spec(splits.train, members[0].config.input_norm)
+    run = _Training(splits, members, schedule, dev, spec)
+    if resume and state_path is not None and Path(state_path).is_file():
+        run.load(Path(state_path))
+    start = time.perf_counter() - run.seconds
+    with torch.no_grad(), _deferred_interrupt() as interrupted:
+        try:
+            while run.step < run.total:
+                run.train_step()
+                if run.step % schedule.record_every == 0 or run.step == run.total:
+                    rows = run.record()
+                    if on_record:
+                        epoch = run.step / run.steps_per_epoch
+                        on_record(RecordEvent(run.step, run.total, epoch, rows))
+                for line in run.log_lines() if on_log else ():
+                    on_log(line)
+                if interrupted():
+                    raise KeyboardInterrupt
+                if state_path is not None and run.step % run.steps_per_epoch == 0:
+                    _sync(dev)
+                    run.seconds = time.perf_counter() - start
+                    run.save(Path(state_path))
+        except KeyboardInterrupt:
+            if state_path is not None:
+                run.seconds = time.perf_counter() - start
+                run.save(Path(state_path))
+            raise
+        _sync(dev)
+        run.seconds = time.perf_counter() - start
+        test_x, test_y = run._on_device(splits.test, spec)
+        test_loss, test_acc = evaluate(run.stack, test_x, test_y)
+    diverged = run.diverged()
+    test = [
+        {"loss": math.nan, "accuracy": math.nan} if d else {"loss": lo, "accuracy": acc}
+        for d, lo, acc in zip(diverged, test_loss, test_acc, strict=True)
+    ]
+    weights = {k: v.cpu() for k, v in run.stack.params.items()}
+    return TrainResult(run.rows, test, diverged, run.seconds, str(dev), members, spec, weights)

@@ -1,0 +1,207 @@
+"""N MLPs of one architecture trained as one: stacked weights, a hand-written backward pass, Adam.
+
+Why by hand: on a small CPU the cost of this model is a handful of small matrix products per
+step; autograd's bookkeeping and per-parameter optimiser loops are a visible share of it. Here a
+layer of all N models is one `torch.baddbmm` on weights shaped (N, in, out), the backward pass
+calls PyTorch's own backward kernels (threshold/gelu/tanh, layer norm) on whole stacks, and Adam
+is PyTorch's fused kernel, one call per model so each model keeps its own hyperparameters and can
+be frozen (`found_inf`) without touching the others.
+
+Every operation acts on each model's slice independently, so model k computes bit for bit the
+same numbers whatever the other models are (checked by the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mnistlab.config import RunConfig, to_dict
+from mnistlab.model import build_mlp, stack_models
+
+LN_EPS = 1e-5  # nn.LayerNorm's default, which build_mlp uses
+_ACT_BACKWARD = {
+    "relu": lambda grad, z, a: torch.ops.aten.threshold_backward(grad, a, 0),
+    "gelu": lambda grad, z, a: torch.ops.aten.gelu_backward(grad, z),
+    "tanh": lambda grad, z, a: torch.ops.aten.tanh_backward(grad, a),
+}
+_ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 63-bit seed from JSON-able parts: independent streams for independent purposes."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def dropout_seed(config: RunConfig, seed: int) -> int:
+    """A model's dropout stream: its seed and hyperparameters, not its name or stack position."""
+    return derived_seed("dropout", seed, {**to_dict(config), "name": None})
+
+
+@dataclass
+class _Hidden:
+    """What the backward pass needs from one hidden layer."""
+
+    x: Tensor  # the layer's input
+    z: Tensor  # pre-activation
+    a: Tensor  # activation
+    mask: Tensor | None  # dropout scale: 0 or 1/(1-p)
+    u: Tensor  # LayerNorm input (the activation after dropout)
+    xhat: Tensor | None = None
+    mean: Tensor | None = None
+    rstd: Tensor | None = None
+
+
+class Stack:
+    """The parameters, Adam moments and dropout generators of N models; one training step."""
+
+    def __init__(
+        self, configs: Sequence[RunConfig], seeds: Sequence[int], weights: dict[str, Tensor],
+        device: torch.device,
+    ):
+        self.configs, self.seeds, self.device = list(configs), list(seeds), device
+        self.n = len(self.configs)
+        arch = configs[0]
+        self.depth, self.act, self.layernorm = len(arch.hidden), arch.activation, arch.layernorm
+        # Each model's parameters fill one row of a flat (N, P) tensor, so Adam is one fused call
+        # per model; the named tensors are views of it (offsets aligned to 64 bytes).
+        offsets, size = {}, 0
+        for key, v in weights.items():
+            offsets[key] = size
+            size += -(-v[0].numel() // 16) * 16
+        self.flat = {kind: torch.zeros(self.n, size, device=device) for kind in (*_KINDS, "grad")}
+
+        def views(flat: Tensor) -> dict[str, Tensor]:
+            return {key: flat[:, o : o + v[0].numel()].view(v.shape)
+                    for (key, v), o in zip(weights.items(), offsets.values(), strict=True)}
+
+        self.named = {kind: views(self.flat[kind]) for kind in _KINDS}
+        self.params, self.grads = self.named["param"], views(self.flat["grad"])
+        for key, v in weights.items():
+            self.params[key].copy_(v)
+        self.adam_step = torch.zeros((), device=device)
+        p = torch.tensor([c.dropout for c in configs], device=device).view(-1, 1, 1)
+        self.drop_p, self.keep_scale = p, 1.0 / (1.0 - p)
+        any_dropout = any(c.dropout > 0 for c in configs)
+        self.dropout_layers = set(i - 1 for i in arch.dropout_after) if any_dropout else set()
+        self.generators = [
+            torch.Generator(device=device).manual_seed(dropout_seed(c, s))
+            for c, s in zip(configs, seeds, strict=True)
+        ]
+
+    @classmethod
+    def initial(
+        cls, configs: Sequence[RunConfig], seeds: Sequence[int], input_dim: int, n_classes: int,
+        device: torch.device,
+    ) -> Stack:
+        """Model k starts as `build_mlp(configs[k])` built right after `torch.manual_seed(seed)`."""
+        models = []
+        for config, seed in zip(configs, seeds, strict=True):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                models.append(build_mlp(config, input_dim, n_classes))
+        return cls(configs, seeds, stack_models(models), device)
+
+    # --- forward / backward -------------------------------------------------------------------
+
+    def _masks(self, batch: int, width: int) -> Tensor:
+        """Inverted-dropout scales from each model's own generator (ones where p = 0)."""
+        u = torch.ones(self.n, batch, width, device=self.device)
+        for k, gen in enumerate(self.generators):
+            if self.configs[k].dropout > 0:
+                u[k].uniform_(generator=gen)
+        return (u >= self.drop_p).to(u.dtype).mul_(self.keep_scale)
+
+    def forward(self, x: Tensor, train: bool = False) -> tuple[Tensor, list[_Hidden]]:
+        """Logits (N, B, classes) for input (N, B, in); with `train`, dropout and the cache."""
+        p, hidden, h = self.params, [], x
+        for i in range(self.depth):
+            z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
+            a = _ACT[self.act](z)
+            dropout = train and i in self.dropout_layers
+            mask = self._masks(a.shape[1], a.shape[2]) if dropout else None
+            layer = _Hidden(h, z, a, mask, a if mask is None else a * mask)
+            h = layer.u
+            if self.layernorm:
+                layer.xhat, layer.mean, layer.rstd = torch.native_layer_norm(
+                    layer.u, [h.shape[-1]], None, None, LN_EPS
+                )
+                h = torch.addcmul(p[f"norm{i}.bias"], layer.xhat, p[f"norm{i}.weight"])
+            hidden.append(layer)
+        logits = torch.baddbmm(p[f"linear{self.depth}.bias"], h, p[f"linear{self.depth}.weight"])
+        hidden.append(_Hidden(h, logits, logits, None, logits))
+        return logits, hidden
+
+    def backward(self, dlogits: Tensor, hidden: list[_Hidden]) -> None:
+        """Gradients of the summed per-model losses into `self.grads`, given d loss / d logits."""
+        p, g, d = self.params, self.grads, dlogits
+        for i in range(self.depth, -1, -1):
+            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
+            torch.sum(d, 1, keepdim=True, out=g[f"linear{i}.bias"])
+            if i == 0:
+                return
+            d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
+            layer = hidden[i - 1]
+            if self.layernorm:
+                torch.sum(d * layer.xhat, 1, keepdim=True, out=g[f"norm{i - 1}.weight"])
+                torch.sum(d, 1, keepdim=True, out=g[f"norm{i - 1}.bias"])
+                d = torch.ops.aten.native_layer_norm_backward(
+                    d * p[f"norm{i - 1}.weight"], layer.u, [d.shape[-1]], layer.mean, layer.rstd,
+                    None, None, [True, False, False],
+                )[0]
+            if layer.mask is not None:
+                d = d * layer.mask
+            d = _ACT_BACKWARD[self.act](d, layer.z, layer.a)
+
+    # --- optimiser ----------------------------------------------------------------------------
+
+    def adam(self, frozen: Tensor) -> None:
+        """A torch.optim.Adam step (L2 weight decay) for each model, except where frozen[k] = 1."""
+        self.adam_step += 1
+        for k, c in enumerate(self.configs):
+            torch._fused_adam_(
+                *([self.flat[kind][k]] for kind in ("param", "grad", "exp_avg", "exp_avg_sq")),
+                [], [self.adam_step], lr=c.lr, beta1=c.betas[0],
+                beta2=c.betas[1], weight_decay=c.weight_decay, eps=c.eps, amsgrad=False,
+                maximize=False, found_inf=frozen[k],
+            )
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Tensor]:
+        """Weights, Adam moments and dropout generator states, as named tensors."""
+        out = {f"{kind}.{key}": v for kind, named in self.named.items() for key, v in named.items()}
+        out.update({f"dropout_rng.{k}": g.get_state() for k, g in enumerate(self.generators)})
+        return out
+
+    def load_state(self, tensors: dict[str, Tensor], step: int) -> None:
+        """Inverse of `state`; KeyError or a shape mismatch means a damaged state file."""
+        for name, v in self.state().items():
+            source = tensors[name]
+            if source.shape != v.shape:
+                raise KeyError(f"{name} has shape {tuple(source.shape)}")
+            if name.startswith("dropout_rng."):
+                self.generators[int(name.split(".")[1])].set_state(source)
+            else:
+                v.copy_(source)
+        self.adam_step.fill_(float(step))
+
+
+_KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per model mean loss (N,), accuracy (N,), and d(sum of the N losses)/d logits."""
+    logp = torch.log_softmax(logits, -1)
+    picked = logp.gather(-1, y.unsqueeze(-1))
+    loss = picked.mean((1, 2)).neg()
+    accuracy = (logits.argmax(-1) == y).to(logits.dtype).mean(1)
+    grad = logp.exp_().scatter_(-1, y.unsqueeze(-1), picked.exp() - 1).mul_(1.0 / y.shape[1])
+    return loss, accuracy, grad
+

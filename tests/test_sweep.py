@@ -1,0 +1,359 @@
+"""Sweeps: the sweep file, configuration names, stacking, successive halving, and real runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import shutil
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnistlab.config import RunConfig, Schedule
+from mnistlab.data.npz import write_npz
+from mnistlab.errors import ConfigError
+from mnistlab.progress import StudyProgress
+from mnistlab.report.sweep import HEATMAP, top_html, top_text
+from mnistlab.sweep import (
+    SWEEP_FILE,
+    SweepSpec,
+    Trial,
+    auto_stack_size,
+    expand,
+    load_sweep,
+    member_bytes,
+    plan,
+    rung_count,
+    rung_schedule,
+    run_sweep,
+    sweep_command,
+    sweep_from_dict,
+    sweep_to_toml,
+)
+
+GRID = """
+name = "grid"
+seeds = 2
+[base]
+layernorm = true
+[schedule]
+epochs = 3
+record_every = 5
+[grid]
+lr = [1e-2, 3e-3, 1e-3, 3e-4]
+dropout = [0.0, 0.3]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("colour = 3", "unknown key(s) colour"),
+        ("[grid]\nlr = 0.001", "[grid] lr: expected a non-empty list"),
+        ("[grid]\nlearning_rate = [0.1]", "[grid] learning_rate: unknown field"),
+        ("[grid]\nlr = ['fast']", "[grid] lr = 'fast': expected a value like 0.01"),
+        ("[grid]\nhidden = [150]", "[grid] hidden = 150: expected a value like [150, 150]"),
+        ("[grid]\ndropout = [0.1, 1.0]", "dropout must be in [0, 1), got 1.0"),
+        ("[random]\nlr = {log_uniform = [0, 1e-2]}", "[random] lr: log_uniform needs [lo, hi]"),
+        ("[random]\nlr = {normal = [0, 1]}", "[random] lr = {'normal': [0, 1]}: use"),
+        ("[random]\nhidden = {uniform = [1, 9]}", "[random] hidden: uniform is for real-valued"),
+        ("[random]\nlr = {choice = []}", "[random] lr: choice needs a non-empty list"),
+        ("[grid]\nlr = [0.1]\n[random]\nlr = {uniform = [0.1, 0.2]}", "lr in both [grid] and"),
+        ("[random]\nlr = {uniform = [0.1, 0.2]}", "[random] ranges need --random N"),
+        ("[schedule]\nepochs = 0", "[schedule] schedule.epochs must be >= 1"),
+        ("[base]\nname = 'x'", "[base] name: unknown field"),
+        ("seeds = [1, 1]", "seeds must be a count or a list of distinct integers"),
+        ("base = 'best'", "base = 'best' is no preset"),
+        ("[grid\nlr = [1]", "not valid TOML"),
+    ],
+)
+def test_sweep_file_mistakes_are_one_line_naming_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_grid_is_the_full_product_with_readable_unique_names(tmp_path):
+    text = GRID + "hidden = [[150, 150], [300]]\nlayernorm = [true, false]\n"
+    trials = expand(load_sweep(write(tmp_path, text)))
+    assert len(trials) == 4 * 2 * 2 * 2
+    names = [t.config.name for t in trials]
+    assert len(set(names)) == len(names)
+    assert names[0] == "lr1e-2_p0_h150x150_ln"
+    assert "lr3e-4_p0.3_h300_noln" in names
+    by_name = {t.config.name: t.config for t in trials}
+    assert by_name["lr3e-4_p0.3_h300_noln"] == RunConfig(
+        name="lr3e-4_p0.3_h300_noln", lr=3e-4, dropout=0.3, hidden=(300,), layernorm=False
+    )
+
+
+def test_schedule_fields_vary_per_configuration(tmp_path):
+    trials = expand(load_sweep(write(tmp_path, GRID + "batch_size = [64, 128]\n")))
+    assert {t.schedule.batch_size for t in trials} == {64, 128}
+    assert all(t.schedule.epochs == 3 and t.schedule.record_every == 5 for t in trials)
+    assert any(t.config.name.endswith("_bs64") for t in trials)
+
+
+def test_random_samples_are_seeded_in_range_and_named_by_their_values(tmp_path):
+    text = (
+        GRID
+        + """
+[random]
+lr = {log_uniform = [1e-4, 1e-2]}
+weight_decay = {uniform = [0.0, 0.001]}
+activation = {choice = ["relu", "gelu"]}
+""".replace("lr = [1e-2, 3e-3, 1e-3, 3e-4]\n", "")
+    )
+    spec = dataclasses.replace(load_sweep(write(tmp_path, text)), samples=12)
+    trials = expand(spec)
+    assert expand(spec) == trials
+    assert expand(dataclasses.replace(spec, sample_seed=1)) != trials
+    lrs = [t.config.lr for t in trials]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert all(float(f"{lr:.3g}") == lr for lr in lrs)  # names can state the value exactly
+    assert min(lrs) < 1e-3 < max(lrs)  # log-uniform: both decades are drawn
+    assert {t.config.activation for t in trials} == {"relu", "gelu"}
+    assert {t.config.dropout for t in trials} <= {0.0, 0.3}  # grid lists act as choices
+    assert all(f"lr{_sci(t.config.lr)}_" in t.config.name for t in trials)
+
+
+def _sci(value: float) -> str:
+    exponent = math.floor(math.log10(value))
+    return f"{value / 10**exponent:.6g}e{exponent}"
+
+
+def test_sweep_toml_round_trips_exactly(tmp_path):
+    text = GRID + "hidden = [[150, 150], [64]]\n[random]\ndropout = {uniform = [0.0, 0.5]}\n"
+    spec = dataclasses.replace(load_sweep(write(tmp_path, text)), samples=5, halving=True)
+    again = sweep_from_dict(tomllib.loads(sweep_to_toml(spec)))
+    assert again == spec
+    assert expand(again) == expand(spec)
+
+
+def test_stacks_split_by_architecture_and_schedule_and_size(tmp_path):
+    text = GRID + "hidden = [[150, 150], [300]]\nbatch_size = [64, 128]\n"
+    trials = expand(load_sweep(write(tmp_path, text)))
+    stacks = plan(trials, (0, 1), size=5)
+    members = [(m.config.name, m.seed) for s in stacks for m in s.members]
+    assert Counter(members) == Counter((t.config.name, s) for t in trials for s in (0, 1))
+    assert all(len(s.members) <= 5 for s in stacks)
+    for stack in stacks:
+        assert len({m.config.architecture for m in stack.members}) == 1
+        names = {m.config.name for m in stack.members}
+        assert {t.schedule for t in trials if t.config.name in names} == {stack.schedule}
+    # 4 groups (2 architectures × 2 batch sizes) of 16 members each, cut into 5+5+5+1
+    assert len(stacks) == 4 * 4
+    assert len({s.key for s in stacks}) == len(stacks)
+
+
+def test_stack_size_follows_free_memory(monkeypatch, mnist_dir):
+    splits = _tiny_splits(mnist_dir)
+    trials = [Trial(RunConfig(name=f"c{i}"), Schedule()) for i in range(10)]
+    need = member_bytes(trials[0].config, trials[0].schedule, splits)
+    data = 4 * sum(d.images.size for d in (splits.train, splits.val, splits.test))
+    monkeypatch.setattr("mnistlab.sweep.free_bytes", lambda device: 2 * (data + 7 * need))
+    assert auto_stack_size(trials, splits, "cpu", seeds=3) == 7
+    monkeypatch.setattr("mnistlab.sweep.free_bytes", lambda device: 10**15)
+    assert auto_stack_size(trials, splits, "cpu", seeds=3) == 30  # everything in one stack
+    monkeypatch.setattr("mnistlab.sweep.free_bytes", lambda device: 0)
+    assert auto_stack_size(trials, splits, "cpu", seeds=3) == 1
+
+
+def test_member_bytes_counts_adam_state_and_activations(mnist_dir):
+    splits = _tiny_splits(mnist_dir)
+    small = member_bytes(RunConfig(hidden=(10,)), Schedule(batch_size=8), splits)
+    wide = member_bytes(RunConfig(hidden=(1000, 1000)), Schedule(batch_size=8), splits)
+    params = 785 * 1000 + 1001 * 1000 + 1001 * 10
+    assert wide > 16 * params > small
+
+
+@pytest.mark.parametrize(
+    ("epochs", "rungs"),
+    [(9, [1, 3, 9]), (10, [1, 3, 10]), (3, [1, 3]), (2, [2]), (27, [1, 3, 9, 27])],
+)
+def test_rungs_are_thirds_of_the_schedule(epochs, rungs):
+    count = rung_count(epochs)
+    schedule = Schedule(epochs=epochs)
+    assert [rung_schedule(schedule, r, count).epochs for r in range(count)] == rungs
+
+
+# --- real data ------------------------------------------------------------------------------
+
+
+def _tiny_source(mnist_dir: Path, folder: Path, n: int = 1200) -> Path:
+    """The first `n` images of real MNIST t10k as an NPZ (train part only: test is held out)."""
+    from mnistlab.data import load
+
+    t10k = load(str(mnist_dir), progress=False).train
+    path = folder / "mnist-tiny.npz"
+    write_npz(path, t10k.subset(np.arange(n)))
+    return path
+
+
+def _tiny_splits(mnist_dir: Path):
+    from mnistlab.data import load, make_splits
+
+    source = load(str(mnist_dir), progress=False)
+    tiny = dataclasses.replace(source, train=source.train.subset(np.arange(600)))
+    return make_splits(tiny)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(mnist_dir, tmp_path_factory) -> Path:
+    return _tiny_source(mnist_dir, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def grid_spec(tiny_data) -> SweepSpec:
+    text = GRID.replace('name = "grid"', f'name = "grid"\ndata = "{tiny_data}"\ndevice = "cpu"')
+    return sweep_from_dict(tomllib.loads(text), "test")
+
+
+@pytest.fixture(scope="module")
+def full_run(grid_spec, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return run_sweep(grid_spec, out=out, display=StudyProgress(live=False), render=False)
+
+
+@pytest.fixture(scope="module")
+def halving_run(grid_spec, tmp_path_factory):
+    out = tmp_path_factory.mktemp("halving")
+    spec = dataclasses.replace(grid_spec, halving=True, stack_size=4)
+    return run_sweep(spec, out=out, display=StudyProgress(live=False), render=False)
+
+
+def comparable(summary: dict) -> dict:
+    """The summary without wall-clock figures."""
+    runs = [{k: v for k, v in r.items() if k != "seconds"} for r in summary["runs"]]
+    configs = [{k: v for k, v in c.items() if k != "seconds"} for c in summary["configs"]]
+    return {
+        **{k: v for k, v in summary.items() if k != "seconds"},
+        "runs": runs,
+        "configs": configs,
+    }
+
+
+def test_sweep_run_directory_has_every_configuration_and_seed_once(full_run):
+    run_dir, summary = full_run
+    names = [c["run"] for c in summary["configs"]]
+    assert len(names) == 8 and summary["seeds"] == [0, 1]
+    assert Counter((r["run"], r["seed"]) for r in summary["runs"]) == Counter(
+        (n, s) for n in names for s in (0, 1)
+    )
+    rows = run_dir.read_metrics()
+    keys = Counter((r["run"], r["seed"], r["step"], r["split"]) for r in rows)
+    assert set(keys.values()) == {1}
+    assert {(k[0], k[1]) for k in keys} == {(n, s) for n in names for s in (0, 1)}
+    for c in summary["configs"]:
+        acc = c["test_accuracy"]
+        assert acc["n"] == 2 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+        assert run_dir.model_path(c["run"], 0).is_file()
+    assert load_sweep(run_dir.root / SWEEP_FILE).stack_size == summary["sweep"]["stack_size"]
+    assert summary["sweep"]["winner"] in names
+
+
+def test_halving_keeps_the_best_third_and_matches_the_full_grid(full_run, halving_run):
+    _, full = full_run
+    run_dir, half = halving_run
+    rungs = half["sweep"]["halving"]["rungs"]
+    assert [len(r["configs"]) for r in rungs] == [8, 3]
+    assert [set(r["epochs"]) for r in rungs] == [{1}, {3}]
+    # The best third of rung 0 by mean validation accuracy, read back from its own runs.
+    first = {}
+    for outcome in _rung_outcomes(run_dir, "r0-"):
+        for r in outcome["runs"]:
+            first.setdefault(r["run"], []).append(r["final_val_accuracy"])
+    best = sorted(first, key=lambda n: -np.mean(first[n]))[:3]
+    assert set(rungs[0]["kept"]) == set(best) == set(rungs[1]["configs"])
+    # Survivors are retrained from scratch: the same numbers as in the full grid.
+    full_runs = {(r["run"], r["seed"]): r for r in full["runs"]}
+    for r in half["runs"]:
+        if r["run"] in rungs[1]["configs"]:
+            mine = {k: v for k, v in r.items() if k != "seconds"}
+            assert mine == {
+                k: v for k, v in full_runs[r["run"], r["seed"]].items() if k != "seconds"
+            }
+    assert half["sweep"]["winner"] == full["sweep"]["winner"]
+    saved = half["sweep"]["halving"]
+    assert saved["model_epochs"] == (8 * 1 + 3 * 3) * 2
+    assert saved["full_grid_model_epochs"] == 8 * 3 * 2
+    keys = Counter((r["run"], r["seed"], r["step"], r["split"]) for r in run_dir.read_metrics())
+    assert set(keys.values()) == {1}
+
+
+def _rung_outcomes(run_dir, prefix: str) -> list[dict]:
+    paths = sorted(run_dir.checkpoints.glob(f"stack-{prefix}*.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def test_resume_skips_finished_stacks_and_ends_with_the_same_numbers(halving_run, tmp_path):
+    run_dir, summary = halving_run
+    copy = tmp_path / run_dir.root.name
+    shutil.copytree(run_dir.root, copy)
+    (copy / "summary.json").unlink()
+    (copy / "checkpoints" / "stack-r1-0.json").unlink()  # the last rung was cut short
+    finished = (copy / "checkpoints" / "stack-r0-0.json").read_text()
+    log = io.StringIO()
+    again_dir, again = run_sweep(None, resume=copy, display=StudyProgress(log), render=False)
+    assert again_dir.root == copy
+    assert comparable(again) == comparable(summary)
+    assert (copy / "metrics.csv").read_text() == run_dir.metrics_path.read_text()
+    assert (copy / "checkpoints" / "stack-r0-0.json").read_text() == finished
+    trained = {
+        line.split(" epoch ")[0] for line in log.getvalue().splitlines() if " epoch " in line
+    }
+    assert trained == {"stack 1/2"}  # rung 0's four stacks and rung 1's second were done
+
+
+def test_top_table_and_heat_map(full_run):
+    run_dir, summary = full_run
+    text = top_text(summary)
+    winner = summary["sweep"]["winner"]
+    lines = [line for line in text.splitlines() if "│" in line]
+    assert len(lines) == 8 and winner in lines[0]
+    assert "[" in lines[0] and "winner: " + winner in text
+    html = top_html(summary, n=3)
+    assert html.count("<tr") == 4 and "class=best" in html
+    from mnistlab.report.sweep import heatmap
+
+    path = heatmap(summary, run_dir.plots)
+    assert path.name == HEATMAP and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_command_writes_report_with_random_samples(tiny_data, tmp_path):
+    text = f"""
+name = "rnd"
+data = "{tiny_data}"
+device = "cpu"
+[schedule]
+epochs = 1
+record_every = 5
+[random]
+lr = {{log_uniform = [1e-4, 1e-2]}}
+dropout = {{uniform = [0.0, 0.5]}}
+"""
+    path = write(tmp_path, text)
+    printed = sweep_command(path, random=3, seeds=1, stack_size=2, out=tmp_path / "runs")
+    (root,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((root / "summary.json").read_text())
+    assert len(summary["configs"]) == 3 and summary["seeds"] == [0]
+    assert summary["sweep"]["samples"] == 3 and summary["sweep"]["stacks"] == 2
+    assert (root / "plots" / HEATMAP).is_file() and (root / "report.html").is_file()
+    assert f"results: {root}" in printed and summary["sweep"]["winner"] in printed
+    rerun = load_sweep(root / SWEEP_FILE)
+    assert [t.config.name for t in expand(rerun)] == [c["run"] for c in summary["configs"]]
