@@ -114,6 +114,12 @@ def test_named_classes_bound_the_labels(tmp_path):
             ["pixel value 256 in column 'pixel2' is outside 0..255"],
         ),
         (H + "1,-1,0,0,0\n", "line 2, column 2", ["pixel value -1", "outside 0..255"]),
+        (H + "1,0,0,0," + "9" * 5000, "line 2, column 5", ["pixel value 99999999999999999... in"]),
+        (
+            H + "1,0,0,0," + "x" * 5000,
+            "line 2, column 5",
+            ["pixel value 'xxxxxxxxxxxxxxxxx...' in"],
+        ),
         (H + "1,0,0,0,0\n\n10,0,0,0,0\n", "line 4, column 1", ["label 10 is outside 0..9"]),
         (
             H + "3.0,0,0,0,0\n",

@@ -196,3 +196,20 @@ def test_real_fashion_mnist_folder(fashion_dir):
     source = load_path(fashion_dir, name="fashion-mnist", classes=tuple("abcdefghij"))
     assert (len(source.train), len(source.test)) == (60000, 10000)
     assert source.train.class_counts() == dict.fromkeys("abcdefghij", 6000)
+
+
+def test_cli_data_check(idx_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mnistlab.cli import app
+
+    result = CliRunner().invoke(app, ["data", "check", str(idx_dir)])
+    assert result.exit_code == 0 and "  rows: 30" in result.stdout and "  rows: 20" in result.stdout
+    bad = tmp_path / "bad.csv"
+    bad.write_text("label,pixel0\n3,0\n12,0\n")
+    result = CliRunner().invoke(app, ["data", "check", str(bad)])
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == f"error: {bad}:line 3, column 1: label 12 is outside 0..9; use class indices 0..9\n"
+    )

@@ -113,23 +113,31 @@ def detect_layout(first_line: str, path: str | Path, lineno: int) -> Layout:
     return Layout(expected, labelled, side)
 
 
+def _shown(text: str) -> str:
+    """A cell as quoted in a message: long garbage is cut so the message stays one short line."""
+    return text if len(text) <= 20 else text[:17] + "..."
+
+
 def _cell_problem(cell: str, col: int, layout: Layout, num_classes: int) -> tuple[str, str] | None:
     """(problem, fix) for one cell, or None when the cell is valid."""
     name = layout.column_name(col)
     text = cell.strip()
     if text == "" or text.lower() in NULLS:
-        what = "empty cell" if text == "" else f"null value '{text}'"
+        what = "empty cell" if text == "" else f"null value '{_shown(text)}'"
         return f"{what} in column '{name}'", "fill in the value or delete the row"
     is_label = layout.labelled and col == 0
     top = num_classes - 1 if is_label else 255
     if not _INTEGER.fullmatch(text):
         kind = "label" if is_label else "pixel value"
-        return f"{kind} '{text}' in column '{name}' is not a whole number", f"use integers 0..{top}"
-    if not 0 <= int(text) <= top:
-        if is_label:
-            return f"label {int(text)} is outside 0..{top}", f"use class indices 0..{top}"
         return (
-            f"pixel value {int(text)} in column '{name}' is outside 0..255",
+            f"{kind} '{_shown(text)}' in column '{name}' is not a whole number",
+            f"use integers 0..{top}",
+        )
+    if len(text) > 12 or not 0 <= int(text) <= top:  # the length test spares int() huge inputs
+        if is_label:
+            return f"label {_shown(text)} is outside 0..{top}", f"use class indices 0..{top}"
+        return (
+            f"pixel value {_shown(text)} in column '{name}' is outside 0..255",
             "store 8-bit grey levels (0 = background, 255 = ink)",
         )
     return None
@@ -145,7 +153,7 @@ def _line_error(
         return DataError(
             path,
             f"{len(cells)} columns where {basis} {layout.columns}",
-            "give every row the same columns as the header",
+            f"give every row {layout.columns} columns",
             where=f"line {lineno}",
         )
     for col, cell in enumerate(cells):

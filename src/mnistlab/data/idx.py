@@ -26,14 +26,17 @@ REFETCH = "download the file again (or delete it so mnistlab fetches a fresh cop
 _CHUNK = 1 << 16
 
 
+def cannot_read(path: str | Path, exc: OSError) -> DataError:
+    """The one-line error for a file the OS will not give us (missing, a folder, no permission)."""
+    return DataError(path, f"cannot read ({exc.strerror or exc})", "check the path and permissions")
+
+
 def read_bytes(path: str | Path) -> bytes:
     """The file's payload: gunzipped when it starts with the gzip magic bytes, whatever its name."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise DataError(
-            path, f"cannot read ({exc.strerror})", "check the path and permissions"
-        ) from None
+        raise cannot_read(path, exc) from None
     return gunzip(data, path) if data.startswith(GZIP_MAGIC) else data
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mnistlab.data.csv import read_csv
 from mnistlab.data.dataset import DIGITS, Dataset, Source
-from mnistlab.data.idx import GZIP_MAGIC, read_idx
+from mnistlab.data.idx import GZIP_MAGIC, cannot_read, read_idx
 from mnistlab.data.npz import read_npz
 from mnistlab.errors import DataError, MnistlabError
 
@@ -26,9 +26,12 @@ Parts = tuple[Dataset, Dataset | None]
 
 
 def _sniff(path: Path) -> str:
-    """ "npz", "idx" or "csv", from the first bytes of the (gunzipped) content, not the name."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    """Which reader fits: "npz", "idx" or "csv", from the first (gunzipped) bytes, not the name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
     if head.startswith(GZIP_MAGIC):
         try:
             head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(head, 4)

@@ -13,13 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from mnistlab.data.dataset import DIGITS, Dataset
+from mnistlab.data.idx import cannot_read
 from mnistlab.errors import DataError
 from mnistlab.runs import atomic_path
 
 PARTS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 SAVE_HELP = "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a first entry, or an empty archive
-# What np.load and zipfile raise on a damaged archive or member.
+# What np.load and zipfile raise on a damaged archive or member: damaged flag bits read as
+# "encrypted" (RuntimeError) or an unknown compression method (NotImplementedError); a damaged
+# .npy header can claim a shape too large to allocate (MemoryError).
 _READ_ERRORS = (
     ValueError,
     OSError,
@@ -28,6 +31,8 @@ _READ_ERRORS = (
     zipfile.BadZipFile,
     zlib.error,
     MemoryError,
+    RuntimeError,
+    NotImplementedError,
 )
 
 
@@ -37,9 +42,7 @@ def _open(path: str | Path) -> np.lib.npyio.NpzFile:
         with open(path, "rb") as f:
             head = f.read(6)
     except OSError as exc:
-        raise DataError(
-            path, f"cannot read ({exc.strerror})", "check the path and permissions"
-        ) from None
+        raise cannot_read(path, exc) from None
     if head.startswith(b"\x93NUMPY"):
         raise DataError(path, "holds a single .npy array, not an .npz archive", SAVE_HELP)
     if head[:4] not in ZIP_MAGICS:
