@@ -15,15 +15,7 @@ from mnistlab.errors import DataError, MnistlabError
 from mnistlab.evaluate import evaluate, evaluate_command, format_evaluation, logits
 from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 SMALL = {"hidden": (64,), "dropout_after": (1,)}  # trains in about a second on two cores
-
-
-def mnist_t10k() -> Dataset:
-    """The real MNIST test set (10k images), or a clean skip where it is not available."""
-    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(reason=f"real MNIST test set not found in {MNIST_DIR}")
-    return load(MNIST_DIR, progress=False).train
 
 
 def train_checkpoint(config: RunConfig, data: Dataset, seed: int, steps: int = 300) -> Checkpoint:
@@ -57,9 +49,9 @@ def _train(config: RunConfig, data: Dataset, seed: int, steps: int) -> Checkpoin
 
 
 @pytest.fixture(scope="module")
-def data() -> tuple[Dataset, Dataset]:
+def data(mnist_dir) -> tuple[Dataset, Dataset]:
     """(training part, held-out part) of the real MNIST test set."""
-    full = mnist_t10k()
+    full = load(mnist_dir, progress=False).train
     return full.subset(np.arange(8000)), full.subset(np.arange(8000, 10000), origin="t10k[8000:]")
 
 
@@ -145,8 +137,8 @@ def test_format_evaluation_shows_every_table(checkpoint, data):
     assert "\x1b[" not in text  # plain text, no terminal escape codes
 
 
-def test_evaluate_command_on_a_checkpoint(checkpoint, tmp_path):
-    text = evaluate_command(checkpoint, str(MNIST_DIR), tmp_path)
+def test_evaluate_command_on_a_checkpoint(checkpoint, mnist_dir, tmp_path):
+    text = evaluate_command(checkpoint, str(mnist_dir), tmp_path)
     # MNIST's t10k alone has no test part: scored on its training part, and the text says so.
     assert "no labelled test part" in text and "(10000 images)" in text
     for name in ("confusion_mlp-seed0.png", "misclassified_mlp-seed0.png"):
@@ -155,11 +147,11 @@ def test_evaluate_command_on_a_checkpoint(checkpoint, tmp_path):
         assert f"wrote {tmp_path / name}" in text
 
 
-def test_evaluate_cli(checkpoint, tmp_path):
+def test_evaluate_cli(checkpoint, mnist_dir, tmp_path):
     from mnistlab.cli import app
 
     runner = CliRunner()
-    ok = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(MNIST_DIR),
+    ok = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(mnist_dir),
                              "--out", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     assert "confusion matrix" in ok.output

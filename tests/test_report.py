@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_evaluate import MNIST_DIR, SMALL, mnist_t10k, train_checkpoint
+from test_evaluate import SMALL, train_checkpoint
+from typer.testing import CliRunner
 
 from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study, study_to_toml, to_dict
 from mnistlab.data import load, make_splits
+from mnistlab.errors import MnistlabError
 from mnistlab.evaluate import evaluate, evaluate_command
 from mnistlab.model import save_checkpoint
 from mnistlab.report import render
+from mnistlab.report.html import reading
 from mnistlab.runs import RunDir, atomic_write_text
 from mnistlab.stats import summarize
 
@@ -67,10 +70,9 @@ def run_row(run: str, seed: int, rows: list[dict], test_accuracy: float, test_lo
             "seconds": 4.0 + seed}
 
 
-def build_run_dir(root: Path) -> RunDir:
-    mnist_t10k()  # skips cleanly without the real data
+def build_run_dir(root: Path, mnist_dir: Path) -> RunDir:
     study = StudyConfig(
-        name="synthetic<study>", data=str(MNIST_DIR), seeds=(0, 1, 2),
+        name="synthetic<study>", data=str(mnist_dir), seeds=(0, 1, 2),
         runs=(RunConfig(name=BASELINE, lr=0.01, **SMALL),
               RunConfig(name=BEST, lr=1e-3, dropout=0.2, layernorm=True, **SMALL),
               RunConfig(name=SLOW, lr=1e-4, dropout=0.6, layernorm=True, **SMALL)),
@@ -84,14 +86,18 @@ def build_run_dir(root: Path) -> RunDir:
         ckpt = train_checkpoint(study.runs[1], splits.train, seed)
         save_checkpoint(run.model_path(BEST, seed), ckpt)
         ev = evaluate(ckpt, splits.test)
-        diverged = 150 if seed == 2 else None
-        curves = {BASELINE: (ev.accuracy - 0.012, 60, 0.03, diverged),
-                  BEST: (ev.accuracy, 50, 0.004, None), SLOW: (ev.accuracy - 0.08, 180, -0.01, None)}
+        curves = {  # final val accuracy, time constant, train-val gap, diverged at
+            BASELINE: (ev.accuracy - 0.012, 60, 0.03, 150 if seed == 2 else None),
+            BEST: (ev.accuracy, 50, 0.004, None),
+            SLOW: (ev.accuracy - 0.08, 180, -0.01, None),
+        }
         for name, (final, tau, gap, dead) in curves.items():
             rows += synthetic_rows(name, seed, final, tau, gap, dead)
-        for name, (final, _, _, dead) in curves.items():
-            test = (0.098, math.nan) if dead else (final - 0.002 * seed, 0.3)
-            runs.append(run_row(name, seed, rows, *((ev.accuracy, ev.loss) if name == BEST else test)))
+            if name == BEST:
+                test = (ev.accuracy, ev.loss)
+            else:  # a diverged model is frozen at chance level
+                test = (0.098, math.nan) if dead else (final - 0.002 * seed, 0.3)
+            runs.append(run_row(name, seed, rows, *test))
     run.write_metrics(rows)
     configs, comparisons = summarize(runs, {c.name: to_dict(c) for c in study.runs})
     run.write_summary({
@@ -106,8 +112,8 @@ def build_run_dir(root: Path) -> RunDir:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> RunDir:
-    run = build_run_dir(tmp_path_factory.mktemp("run"))
+def run_dir(tmp_path_factory, mnist_dir) -> RunDir:
+    run = build_run_dir(tmp_path_factory.mktemp("run"), mnist_dir)
     render(run)
     return run
 
@@ -144,6 +150,7 @@ def test_report_states_setup_tables_and_test(run_dir):
     best = next(c for c in summary["configs"] if c["run"] == BEST)["test_accuracy"]
     assert f"{best['mean']:.2%} [{100 * best['ci_low']:.2f}, {100 * best['ci_high']:.2f}]" in page
     assert f'<tr class="best"><td>{BEST}</td>' in page
+    assert page.count("<td>5.0 s</td>") == 3  # time per run: seeds took 4, 5 and 6 s
 
 
 def test_the_reading_names_winner_overfit_slow_and_diverged(run_dir):
@@ -159,6 +166,20 @@ def test_the_reading_names_winner_overfit_slow_and_diverged(run_dir):
     assert "baseline seed 2 (iteration 150)" in reading
 
 
+def test_the_reading_says_when_it_cannot_rank():
+    rows = synthetic_rows("a", 0, 0.9, 50, -0.01) + synthetic_rows("b", 0, 0.8, 50, -0.02)
+    last = [r for r in rows if r["step"] == rows[-1]["step"]]  # one record only
+    runs = [run_row(name, 0, rows, test, 0.3) for name, test in (("a", 0.9), ("b", 0.8))]
+    configs, comparisons = summarize(runs, {"a": {}, "b": {}})
+    text = " ".join(reading({"configs": configs, "comparisons": comparisons, "runs": runs}, last))
+    assert "1 seed)" in text and "cannot be tested: fewer than 2 seeds" in text
+    assert "No configuration overfits" in text and "the largest gap is a's, -0.94 pp" in text
+    assert "too few records to rank their speed" in text
+    configs, comparisons = summarize(runs[:1], {"a": {}})
+    text = " ".join(reading({"configs": configs, "comparisons": comparisons, "runs": runs}, rows))
+    assert "no other configuration to compare" in text
+
+
 def test_tensorboard_events_hold_the_metrics(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -166,7 +187,8 @@ def test_tensorboard_events_hold_the_metrics(run_dir):
     assert runs == sorted(f"{n}-seed{s}" for n in (BASELINE, BEST, "slow___") for s in range(3))
     events = EventAccumulator(str(run_dir.tensorboard / f"{BEST}-seed1"))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"loss/train", "loss/val", "accuracy/train", "accuracy/val"}
+    tags = {"loss/train", "loss/val", "accuracy/train", "accuracy/val"}
+    assert set(events.Tags()["scalars"]) == tags
     expected = [(r["step"], r["accuracy"]) for r in run_dir.read_metrics()
                 if r["run"] == BEST and r["seed"] == 1 and r["split"] == "val"]
     got = [(e.step, e.value) for e in events.Scalars("accuracy/val")]
@@ -175,9 +197,13 @@ def test_tensorboard_events_hold_the_metrics(run_dir):
 
 
 def test_rerender_replaces_everything_and_leaves_no_temp_files(run_dir):
+    from mnistlab.cli import app
+
     before = run_dir.report_path.read_bytes()
     tb_before = sorted(p.name for p in run_dir.tensorboard.rglob("*"))
-    render(run_dir)
+    result = CliRunner().invoke(app, ["report", str(run_dir.root)])
+    assert result.exit_code == 0, result.output
+    assert str(run_dir.report_path) in result.output
     assert run_dir.report_path.read_bytes() == before
     tb_after = sorted(p.name for p in run_dir.tensorboard.rglob("*"))
     assert len(tb_after) == len(tb_before)  # rewritten, not appended to
@@ -208,6 +234,13 @@ def test_evaluate_command_on_the_run_dir_reproduces_the_summary(run_dir, tmp_pat
     assert "held out as the test set" in text  # MNIST t10k alone: the split note is printed
     assert {p.name for p in tmp_path.iterdir()} == {f"confusion_{BEST}.png",
                                                    f"misclassified_{BEST}.png"}
+
+
+def test_an_unfinished_run_dir_is_a_one_line_error(run_dir, tmp_path):
+    unfinished = RunDir(tmp_path / "unfinished")
+    atomic_write_text(unfinished.config_path, run_dir.config_path.read_text(encoding="utf-8"))
+    with pytest.raises(MnistlabError, match=r"summary.json: missing.*--resume"):
+        render(unfinished.root)
 
 
 # --- a real browser ------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_summarize_builds_configs_and_comparisons():
     assert base["config"] == {"lr": 0.01} and base["n"] == 3 and base["diverged"] == 0
     assert base["test_accuracy"] == describe(B[:3])
     assert base["train_val_gap"]["mean"] == pytest.approx(0.995 - 0.97)
-    assert base["seconds"]["mean"] == pytest.approx(11.0)
+    assert "seconds" not in base  # wall-clock time would make reruns differ
     assert reg["n"] == 4 and reg["diverged"] == 1 and reg["test_accuracy"]["n"] == 3
     assert comparisons["best"] == "reg"
     assert comparisons["pairs"][0]["p"] == pytest.approx(

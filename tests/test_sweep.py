@@ -28,9 +28,9 @@ from mnistlab.sweep import (
     load_sweep,
     member_bytes,
     plan,
+    run_sweep,
     rung_count,
     rung_schedule,
-    run_sweep,
     sweep_command,
     sweep_from_dict,
     sweep_to_toml,
@@ -89,16 +89,16 @@ def test_sweep_file_mistakes_are_one_line_naming_file_and_key(tmp_path, text, ex
 
 
 def test_grid_is_the_full_product_with_readable_unique_names(tmp_path):
-    text = GRID + "hidden = [[150, 150], [300]]\nlayernorm = [true, false]\n"
+    text = GRID + "hidden = [[150, 150], [300, 300]]\nlayernorm = [true, false]\n"
     trials = expand(load_sweep(write(tmp_path, text)))
     assert len(trials) == 4 * 2 * 2 * 2
     names = [t.config.name for t in trials]
     assert len(set(names)) == len(names)
     assert names[0] == "lr1e-2_p0_h150x150_ln"
-    assert "lr3e-4_p0.3_h300_noln" in names
+    assert "lr3e-4_p0.3_h300x300_noln" in names
     by_name = {t.config.name: t.config for t in trials}
-    assert by_name["lr3e-4_p0.3_h300_noln"] == RunConfig(
-        name="lr3e-4_p0.3_h300_noln", lr=3e-4, dropout=0.3, hidden=(300,), layernorm=False
+    assert by_name["lr3e-4_p0.3_h300x300_noln"] == RunConfig(
+        name="lr3e-4_p0.3_h300x300_noln", lr=3e-4, dropout=0.3, hidden=(300, 300), layernorm=False
     )
 
 
@@ -110,15 +110,13 @@ def test_schedule_fields_vary_per_configuration(tmp_path):
 
 
 def test_random_samples_are_seeded_in_range_and_named_by_their_values(tmp_path):
-    text = (
-        GRID
-        + """
+    ranges = """
 [random]
 lr = {log_uniform = [1e-4, 1e-2]}
 weight_decay = {uniform = [0.0, 0.001]}
 activation = {choice = ["relu", "gelu"]}
-""".replace("lr = [1e-2, 3e-3, 1e-3, 3e-4]\n", "")
-    )
+"""
+    text = GRID.replace("lr = [1e-2, 3e-3, 1e-3, 3e-4]\n", "") + ranges
     spec = dataclasses.replace(load_sweep(write(tmp_path, text)), samples=12)
     trials = expand(spec)
     assert expand(spec) == trials
@@ -138,7 +136,9 @@ def _sci(value: float) -> str:
 
 
 def test_sweep_toml_round_trips_exactly(tmp_path):
-    text = GRID + "hidden = [[150, 150], [64]]\n[random]\ndropout = {uniform = [0.0, 0.5]}\n"
+    text = (
+        GRID + "hidden = [[150, 150], [64, 64]]\n[random]\nweight_decay = {uniform = [0.0, 0.5]}\n"
+    )
     spec = dataclasses.replace(load_sweep(write(tmp_path, text)), samples=5, halving=True)
     again = sweep_from_dict(tomllib.loads(sweep_to_toml(spec)))
     assert again == spec
@@ -146,7 +146,7 @@ def test_sweep_toml_round_trips_exactly(tmp_path):
 
 
 def test_stacks_split_by_architecture_and_schedule_and_size(tmp_path):
-    text = GRID + "hidden = [[150, 150], [300]]\nbatch_size = [64, 128]\n"
+    text = GRID + "hidden = [[150, 150], [300, 300]]\nbatch_size = [64, 128]\n"
     trials = expand(load_sweep(write(tmp_path, text)))
     stacks = plan(trials, (0, 1), size=5)
     members = [(m.config.name, m.seed) for s in stacks for m in s.members]
@@ -176,7 +176,7 @@ def test_stack_size_follows_free_memory(monkeypatch, mnist_dir):
 
 def test_member_bytes_counts_adam_state_and_activations(mnist_dir):
     splits = _tiny_splits(mnist_dir)
-    small = member_bytes(RunConfig(hidden=(10,)), Schedule(batch_size=8), splits)
+    small = member_bytes(RunConfig(hidden=(10, 10)), Schedule(batch_size=8), splits)
     wide = member_bytes(RunConfig(hidden=(1000, 1000)), Schedule(batch_size=8), splits)
     params = 785 * 1000 + 1001 * 1000 + 1001 * 10
     assert wide > 16 * params > small
@@ -221,6 +221,7 @@ def tiny_data(mnist_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def grid_spec(tiny_data) -> SweepSpec:
     text = GRID.replace('name = "grid"', f'name = "grid"\ndata = "{tiny_data}"\ndevice = "cpu"')
+    text = text.replace("layernorm = true", "layernorm = true\nhidden = [32, 32]")  # fast
     return sweep_from_dict(tomllib.loads(text), "test")
 
 
@@ -328,7 +329,8 @@ def test_top_table_and_heat_map(full_run):
     assert len(lines) == 8 and winner in lines[0]
     assert "[" in lines[0] and "winner: " + winner in text
     html = top_html(summary, n=3)
-    assert html.count("<tr") == 4 and "class=best" in html
+    assert html.count("<tr") == 4
+    assert f'<tr class="best"><td>1</td><td>{winner}</td>' in html
     from mnistlab.report.sweep import heatmap
 
     path = heatmap(summary, run_dir.plots)
@@ -357,3 +359,21 @@ dropout = {{uniform = [0.0, 0.5]}}
     assert f"results: {root}" in printed and summary["sweep"]["winner"] in printed
     rerun = load_sweep(root / SWEEP_FILE)
     assert [t.config.name for t in expand(rerun)] == [c["run"] for c in summary["configs"]]
+
+
+def test_command_line_options_are_validated_with_the_file(tmp_path):
+    path = write(tmp_path, GRID)
+    spec = load_sweep(path, {"samples": 4, "seeds": 5, "epochs": 7, "halving": True})
+    assert (spec.samples, spec.seeds, spec.schedule.epochs, spec.halving) == (
+        4,
+        (0, 1, 2, 3, 4),
+        7,
+        True,
+    )
+    assert spec.schedule.record_every == 5  # the file's other schedule fields stay
+    with pytest.raises(
+        ConfigError, match=r"sweep\.toml: \[schedule\] schedule\.epochs must be >= 1"
+    ):
+        load_sweep(path, {"epochs": 0})
+    with pytest.raises(ConfigError, match=r"sweep\.toml: seeds must be a count"):
+        load_sweep(path, {"seeds": 0})

@@ -118,7 +118,8 @@ def input_spec(train: Dataset, input_norm: str) -> InputSpec:
 
 def evaluate(stack: Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
     """Mean loss and accuracy per model over all of (x, y), in eval mode."""
-    loss = torch.zeros(stack.n, dtype=torch.float64, device=x.device)
+    wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    loss = torch.zeros(stack.n, dtype=wide, device=x.device)
     correct = torch.zeros(stack.n, dtype=torch.int64, device=x.device)
     for a in range(0, len(x), EVAL_CHUNK):
         xc, yc = x[a : a + EVAL_CHUNK], y[a : a + EVAL_CHUNK]
@@ -127,7 +128,7 @@ def evaluate(stack: Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[floa
         loss -= logp.gather(-1, yc.expand(stack.n, -1).unsqueeze(-1)).sum((1, 2))
         correct += (logits.argmax(-1) == yc).sum(1)
     n = len(x) or math.nan
-    return (loss / n).tolist(), (correct.double() / n).tolist()
+    return (loss / n).tolist(), (correct.to(wide) / n).tolist()
 
 
 @contextlib.contextmanager

@@ -109,12 +109,12 @@ def evaluate(ckpt: Checkpoint, dataset: Dataset, worst: int = 25) -> Evaluation:
     return Evaluation(accuracy, loss, confusion, mistakes)
 
 
-def _numeric_table(title: str, first: str, *numeric: str) -> Any:
-    """A Rich table: one left-aligned label column, then right-aligned number columns."""
+def _table(title: str, left: tuple[str, ...], right: tuple[str, ...]) -> Any:
+    """A Rich table: label columns left-aligned, number columns right-aligned."""
     from rich.table import Table
 
-    table = Table(first, title=title)
-    for name in numeric:
+    table = Table(*left, title=title)
+    for name in right:
         table.add_column(name, justify="right")
     return table
 
@@ -123,15 +123,15 @@ def format_evaluation(ev: Evaluation, classes: tuple[str, ...] | list[str], wors
     """Plain-text tables for the terminal: totals, per-class scores, confusion matrix, errors."""
     from rich.console import Console
 
-    per_class = _numeric_table("per class", "class", "precision", "recall", "F1", "support")
+    per_class = _table("per class", ("class",), ("precision", "recall", "F1", "support"))
     for name, p, r, f, s in zip(classes, ev.precision, ev.recall, ev.f1, ev.support, strict=True):
         per_class.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
-    confusion = _numeric_table("confusion matrix (rows: true class)", "true \\ predicted", *classes)
+    confusion = _table("confusion matrix (rows: true class)", ("true \\ pred",), tuple(classes))
     for name, row in zip(classes, ev.confusion, strict=True):
         confusion.add_row(name, *(str(c) for c in row))
-    mistakes = _numeric_table("most confident errors", "index", "true", "predicted", "confidence")
+    mistakes = _table("most confident errors", ("true", "predicted"), ("confidence", "index"))
     for m in ev.worst[:worst]:
-        mistakes.add_row(str(m.index), classes[m.true], classes[m.predicted], f"{m.confidence:.1%}")
+        mistakes.add_row(classes[m.true], classes[m.predicted], f"{m.confidence:.1%}", str(m.index))
     buffer = io.StringIO()
     console = Console(file=buffer, width=120, color_system=None, highlight=False)
     console.print(f"accuracy {ev.accuracy:.4f}   loss {ev.loss:.4f}   "
@@ -139,6 +139,14 @@ def format_evaluation(ev: Evaluation, classes: tuple[str, ...] | list[str], wors
     for t in (per_class, confusion, mistakes):
         console.print(t)
     return buffer.getvalue()
+
+
+def finished_summary(run: RunDir) -> dict:
+    """summary.json, which exists once a study has finished; else a one-line error saying so."""
+    if not run.summary_path.is_file():
+        raise MnistlabError(f"{run.summary_path}: missing, so the study has not finished; "
+                            f"finish it with `mnistlab study --resume {run.root}`")
+    return run.read_summary()
 
 
 def best_checkpoint(run: RunDir, summary: dict) -> Path:
@@ -176,9 +184,10 @@ def evaluate_command(target: Path, data: str | None, out: Path | None) -> str:
     target = Path(target)
     if target.is_dir():
         run = RunDir.existing(target)
-        path = best_checkpoint(run, run.read_summary())
+        summary = finished_summary(run)
+        path, name = best_checkpoint(run, summary), summary["comparisons"]["best"]
         dataset, note = study_test_set(run, data)
-        name, folder = path.stem.rsplit("-seed", 1)[0], out or run.plots
+        folder = out or run.plots
     else:
         path = target
         dataset, note = _source_part(target, data)

@@ -12,6 +12,7 @@ sweep names `--ray-address`.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,9 @@ def connected(address: str) -> Iterator[Any]:
         yield ray
         return
     try:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # ConnectionError is an OSError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MnistlabError(
             f"--ray-address {address}: cannot connect to a Ray cluster ({first}); start one with "
@@ -59,6 +61,16 @@ def connected(address: str) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a HOST:PORT with nothing listening; Ray itself retries for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError("expected auto or HOST:PORT, e.g. 10.0.0.5:6379")
+    socket.create_connection((host, int(port)), timeout=10).close()
 
 
 def _placement(resources: dict[str, float], device: str) -> tuple[int, str]:
@@ -109,43 +121,41 @@ def run_stacks(
     todo = [s for s in stacks if s.key not in outcomes]
     with connected(address) as ray:
         if todo:
-            _gather(ray, run_dir, splits, todo, device, display, outcomes, stacks, on_done)
-    return [outcomes[s.key] for s in stacks]
-
-
-def _gather(
-    ray: Any,
-    run_dir: RunDir,
-    splits: Splits,
-    todo: Sequence[Stack],
-    device: str,
-    display: StudyProgress,
-    outcomes: dict[str, StackOutcome],
-    stacks: Sequence[Stack],
-    on_done: Callable[[list[StackOutcome]], None],
-) -> None:
-    gpus, task_device = _placement(ray.cluster_resources(), device)
-    task = ray.remote(_compute).options(
-        num_cpus=CPUS_PER_STACK, num_gpus=gpus, max_retries=MAX_RETRIES
-    )
-    data = ray.put(splits)
-    pending = {task.remote(data, s.members, s.schedule, task_device): s for s in todo}
-    display.note(f"ray: {len(pending)} stacks sent to {address_of(ray)}")
-    try:
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            stack = pending.pop(ref)
-            result, node = _result(ray, ref)
+            display.note(f"ray: {len(todo)} stacks sent to {address}")
+        for stack, result, node in _finished(ray, splits, todo, device):
             outcomes[stack.key] = record_stack(run_dir, stack.key, stack.members, result)
             display.note(
                 f"stack {stack.key} ({len(stack.members)} models) done on node {node[:12]} in "
                 f"{result.outcome.seconds:.1f} s; {len(outcomes)}/{len(stacks)} stacks done"
             )
             on_done([outcomes[s.key] for s in stacks if s.key in outcomes])
-    except BaseException:
+    return [outcomes[s.key] for s in stacks]
+
+
+def _finished(
+    ray: Any, splits: Splits, stacks: Sequence[Stack], device: str
+) -> Iterator[tuple[Stack, StackResult, str]]:
+    """Send each stack as a task; yield (stack, result, node) as each finishes, in any order.
+
+    The splits go to the object store once. Tasks still running when the caller stops (Ctrl-C,
+    an error) are cancelled.
+    """
+    if not stacks:
+        return
+    gpus, task_device = _placement(ray.cluster_resources(), device)
+    task = ray.remote(_compute).options(
+        num_cpus=CPUS_PER_STACK, num_gpus=gpus, max_retries=MAX_RETRIES
+    )
+    data = ray.put(splits)
+    pending = {task.remote(data, s.members, s.schedule, task_device): s for s in stacks}
+    try:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            stack = pending.pop(ref)
+            yield stack, *_result(ray, ref)
+    finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-        raise
 
 
 def _result(ray: Any, ref: Any) -> tuple[StackResult, str]:
@@ -156,7 +166,3 @@ def _result(ray: Any, ref: Any) -> tuple[StackResult, str]:
         if isinstance(exc.cause, MnistlabError):
             raise exc.cause from None
         raise
-
-
-def address_of(ray: Any) -> str:
-    return ray.get_runtime_context().gcs_address

@@ -107,8 +107,12 @@ class Stack:
 # --- the sweep file -------------------------------------------------------------------------
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep TOML; every mistake is one ConfigError naming the file and key."""
+def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep TOML; every mistake is one ConfigError naming the file and key.
+
+    `overrides` are the command line's: top-level keys, and `epochs` for the schedule; they are
+    validated with the file, as if written in it.
+    """
     path = Path(path)
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -116,6 +120,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: no such file; pass an existing sweep TOML") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    for key, value in (overrides or {}).items():
+        schedule = values.get("schedule", {})
+        if key == "epochs" and isinstance(schedule, dict):
+            values["schedule"] = {**schedule, "epochs": value}
+        else:
+            values[key] = value
     return sweep_from_dict(values, str(path))
 
 
@@ -294,17 +304,13 @@ def expand(spec: SweepSpec, where: str = "sweep") -> list[Trial]:
     else:
         points = [{}]
     points = list({tuple(sorted(p.items())): p for p in points}.values())  # drop repeated draws
-    varying = [k for k in NAME_PARTS if len({_plain_key(p.get(k)) for p in points}) > 1]
+    varying = [k for k in NAME_PARTS if len({p.get(k) for p in points}) > 1]
     tiny = {k for k in varying if any(_tiny(p[k]) for p in points)}
     trials = [_trial(spec, p, varying, tiny, where) for p in points]
     names = [t.config.name for t in trials]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: two configurations share a name ({names}); make values differ")
     return trials
-
-
-def _plain_key(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _sample(spec: SweepSpec, rng: np.random.Generator) -> dict[str, Any]:
@@ -481,13 +487,14 @@ def run_sweep(
     trials = expand(spec)
     study = _as_study(spec, trials)
     splits = load_splits(study)
+    # On Ray the workers pick the device; this machine need not have it.
+    device = spec.device if ray_address else str(engine.resolve_device(spec.device))
+    backend = f"ray ({ray_address})" if ray_address else "in-process"
     with _cluster(ray_address):
         if run_dir is None:
-            size = spec.stack_size or _stack_size(spec, trials, splits, ray_address)
+            size = spec.stack_size or _stack_size(spec, trials, splits, ray_address, device)
             spec = dataclasses.replace(spec, stack_size=size)
-            run_dir = RunDir.create(out, spec.name)
-            atomic_write_text(run_dir.root / SWEEP_FILE, sweep_to_toml(spec))
-            atomic_write_text(run_dir.config_path, study_to_toml(study))
+            run_dir = _new_run_dir(spec, study, out)
         display.note(f"run directory: {run_dir.root}")
         if splits.note:
             display.note(splits.note)
@@ -495,8 +502,6 @@ def run_sweep(
             f"{len(trials)} configurations × {len(spec.seeds)} seeds, stacks of up to "
             f"{spec.stack_size}" + (", successive halving" if spec.halving else "")
         )
-        backend = f"ray ({ray_address})" if ray_address else "in-process"
-        device = str(engine.resolve_device(spec.device))
         seed_info = {"seeds": list(spec.seeds), "backend": backend}
         atomic_write_json(run_dir.env_path, environment(seed_info, device))
         execute = _executor(run_dir, splits, spec, ray_address, resume is not None, display)
@@ -513,6 +518,14 @@ def run_sweep(
         heatmap(summary, run_dir.plots)
         render_report(run_dir)
     return run_dir, summary
+
+
+def _new_run_dir(spec: SweepSpec, study: StudyConfig, out: Path) -> RunDir:
+    """sweep.toml re-runs the sweep; study.toml lists its configurations for the report."""
+    run_dir = RunDir.create(out, spec.name)
+    atomic_write_text(run_dir.root / SWEEP_FILE, sweep_to_toml(spec))
+    atomic_write_text(run_dir.config_path, study_to_toml(study))
+    return run_dir
 
 
 def _cluster(address: str | None) -> contextlib.AbstractContextManager:
@@ -539,9 +552,10 @@ def _as_study(spec: SweepSpec, trials: Sequence[Trial]) -> StudyConfig:
 
 
 def _stack_size(
-    spec: SweepSpec, trials: Sequence[Trial], splits: Splits, address: str | None
+    spec: SweepSpec, trials: Sequence[Trial], splits: Splits, address: str | None, device: str
 ) -> int:
-    size = auto_stack_size(trials, splits, str(engine.resolve_device(spec.device)), len(spec.seeds))
+    """From free memory here (the host's when on Ray); on Ray also enough stacks for every slot."""
+    size = auto_stack_size(trials, splits, "cpu" if address else device, len(spec.seeds))
     if address is None:
         return size
     from mnistlab.scaleout import parallel_slots
@@ -684,13 +698,17 @@ def sweep_command(
     """`mnistlab sweep`: the sweep file with the command line's changes; returns what to print."""
     from mnistlab.report.sweep import top_text
 
-    spec = (
-        None
-        if resume is not None or grid is None
-        else _changed(
-            load_sweep(grid), str(grid), random, seeds, stack_size, halving, data, epochs, device
-        )
-    )
+    options = {
+        "samples": random,
+        "seeds": seeds,
+        "stack_size": stack_size,
+        "data": data,
+        "device": device,
+        "epochs": epochs,
+        "halving": halving or None,
+    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    spec = None if resume is not None or grid is None else load_sweep(grid, overrides)
     run_dir, summary = run_sweep(
         spec,
         out=out,
@@ -699,34 +717,3 @@ def sweep_command(
         display=StudyProgress(verbose=verbose),
     )
     return f"{top_text(summary)}\nresults: {run_dir.root}  report: {run_dir.report_path}"
-
-
-def _changed(
-    spec: SweepSpec,
-    where: str,
-    random: int | None,
-    seeds: int | None,
-    stack_size: int | None,
-    halving: bool,
-    data: str | None,
-    epochs: int | None,
-    device: str | None,
-) -> SweepSpec:
-    """The sweep file with the command line's options applied, validated like a file."""
-    changes: dict[str, Any] = {"halving": halving or spec.halving}
-    for key, value in (
-        ("samples", random),
-        ("stack_size", stack_size),
-        ("data", data),
-        ("device", device),
-    ):
-        if value is not None:
-            changes[key] = value
-    if seeds is not None:
-        changes["seeds"] = tuple(range(seeds))
-    if epochs is not None:
-        changes["schedule"] = dataclasses.replace(spec.schedule, epochs=epochs)
-    return sweep_from_dict(
-        tomllib.loads(sweep_to_toml(dataclasses.replace(spec, **changes))),
-        f"{where} (with command-line options)",
-    )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mnistlab.config import load_study
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluate import best_checkpoint, evaluate, study_test_set
+from mnistlab.evaluate import best_checkpoint, evaluate, finished_summary, study_test_set
 from mnistlab.model import load_checkpoint
 from mnistlab.report import plots
 from mnistlab.report.html import render_html
@@ -22,8 +22,8 @@ def render(run_dir: RunDir | Path, *, best_eval: bool = True) -> Path:
     why instead of failing. Returns the report's path.
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.existing(run_dir)
+    summary = finished_summary(run)
     study = load_study(run.config_path)
-    summary = run.read_summary()
     rows = run.read_metrics()
     figures = _curve_figures(run, summary, rows)
     notes = []

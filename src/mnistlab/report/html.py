@@ -89,7 +89,7 @@ def reading(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> li
         return ["No configuration has a finite test accuracy: every run diverged."]
     b = configs[best]["test_accuracy"]
     text = [f"{best} has the highest mean test accuracy, {pct(b['mean'])} (95% CI "
-            f"{pct(b['ci_low'])}–{pct(b['ci_high'])}, {b['n']} seeds)."]
+            f"{pct(b['ci_low'])}–{pct(b['ci_high'])}, {b['n']} seed{'s' * (b['n'] != 1)})."]
     text += _margin_sentences(comparisons)
     text += [_overfit_sentence(configs), _convergence_sentence(configs, rows, summary)]
     text += [_divergence_sentence(summary["runs"])]
@@ -101,11 +101,12 @@ def _margin_sentences(comparisons: Mapping[str, Any]) -> list[str]:
     if not pairs:
         return ["There is no other configuration to compare it with."]
     closest = min(pairs, key=lambda p: p["diff"])
-    verdict = "significant" if closest["significant"] else "not significant"
-    why = f" ({closest['note']})" if closest.get("note") else ""
-    text = [f"It beats the runner-up, {closest['b']}, by {points(closest['diff'])}; this is "
-            f"{verdict} at α = {comparisons['alpha']} "
-            f"(Holm-corrected p = {number(closest['p_holm'])}{why})."]
+    if math.isnan(closest["p_holm"]):
+        verdict = f"whether this is significant cannot be tested: {closest['note']}"
+    else:
+        verdict = (f"this is {'' if closest['significant'] else 'not '}significant at "
+                   f"α = {comparisons['alpha']} (Holm-corrected p = {number(closest['p_holm'])})")
+    text = [f"It beats the runner-up, {closest['b']}, by {points(closest['diff'])}; {verdict}."]
     better = [p["b"] for p in pairs if p["significant"]]
     same = [p["b"] for p in pairs if not p["significant"]]
     if better:
@@ -115,11 +116,16 @@ def _margin_sentences(comparisons: Mapping[str, Any]) -> list[str]:
 
 
 def _overfit_sentence(configs: Mapping[str, Mapping[str, Any]]) -> str:
+    """Training accuracy is measured in train mode (dropout on), so a negative gap is common."""
     gaps = {name: c["train_val_gap"]["mean"] for name, c in configs.items()
             if math.isfinite(c["train_val_gap"]["mean"])}
     if not gaps:
         return ""
     worst = max(gaps, key=gaps.get)
+    if gaps[worst] <= 0:
+        return (f"No configuration overfits: every final training accuracy (train mode, mean "
+                f"since the previous record) is at or below the validation accuracy; the largest "
+                f"gap is {worst}'s, {points(gaps[worst])}.")
     least = min(gaps, key=gaps.get)
     text = (f"{worst} overfits most: at the end its training accuracy is {points(gaps[worst])} "
             "above its validation accuracy (mean over seeds)")
@@ -141,6 +147,9 @@ def _convergence_sentence(configs: Mapping[str, Any], rows: Sequence[Mapping[str
     slow, fast = max(reached, key=reached.get), min(reached, key=reached.get)
     per_epoch = summary.get("steps_per_epoch")
     when = lambda s: f"iteration {s}" + (f" (epoch {s / per_epoch:.1f})" if per_epoch else "")  # noqa: E731
+    if reached[slow] == reached[fast]:
+        return (f"Every configuration's mean validation accuracy reaches 95% of its final value "
+                f"at the same record, {when(reached[slow])}: too few records to rank their speed.")
     return (f"{slow} converges slowest: its mean validation accuracy first reaches 95% of its "
             f"final value at {when(reached[slow])}, against {when(reached[fast])} for {fast}, "
             "the fastest.")
@@ -185,20 +194,23 @@ def _config_table(configs: Sequence[Mapping[str, Any]]) -> str:
     return table(["configuration", *fields], rows)
 
 
-def _stats_table(configs: Sequence[Mapping[str, Any]], best: str | None) -> str:
+def _stats_table(configs: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]],
+                 best: str | None) -> str:
     header = ["configuration", "seeds", "test accuracy, mean [95% CI]",
               "final val accuracy [95% CI]", "best val accuracy", "train − val gap", "test loss",
               "time per run", "diverged"]
     rows = [[
         c["run"], c["n"], mean_ci(c["test_accuracy"]), mean_ci(c["final_val_accuracy"]),
         pct(c["best_val_accuracy"]["mean"]), points(c["train_val_gap"]["mean"]),
-        number(c["test_loss"]["mean"]), _seconds(c.get("seconds")), c["diverged"],
+        number(c["test_loss"]["mean"]), _seconds(runs, c["run"]), c["diverged"],
     ] for c in configs]
     return table(header, rows, {i for i, c in enumerate(configs) if c["run"] == best})
 
 
-def _seconds(d: Mapping[str, Any] | None) -> str:
-    return f"{d['mean']:.1f} s" if d and d["n"] else "–"
+def _seconds(runs: Sequence[Mapping[str, Any]], name: str) -> str:
+    """Mean training seconds per run of one configuration (its stack's time, split per model)."""
+    seconds = [r["seconds"] for r in runs if r["run"] == name and r.get("seconds") is not None]
+    return f"{sum(seconds) / len(seconds):.1f} s" if seconds else "–"
 
 
 def _comparison_table(comparisons: Mapping[str, Any]) -> str:
@@ -226,7 +238,7 @@ def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], f
         "<h2>Reading</h2>",
         "<ul>" + "".join(f"<li>{escape(s)}</li>" for s in reading(summary, rows)) + "</ul>",
         "<h2>Statistics over seeds</h2>",
-        _stats_table(summary["configs"], comparisons.get("best")),
+        _stats_table(summary["configs"], summary["runs"], comparisons.get("best")),
         "<h2>Comparisons</h2>",
         f"<p>{escape(comparisons['test'])}, α = {escape(str(comparisons['alpha']))}. "
         f"Best: {escape(str(comparisons.get('best')))}.</p>",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
 from mnistlab.data.dataset import Dataset
 from mnistlab.evaluate import Evaluation
@@ -69,7 +69,8 @@ def seed_band(
 def _draw_band(ax: Any, steps: np.ndarray, mean: np.ndarray, low: np.ndarray, high: np.ndarray,
                color: str, label: str) -> None:
     ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-    ax.plot(steps, mean, color=color, label=label, linewidth=1.6)
+    marker = "o" if len(steps) <= 20 else None  # a curve of a few records shows its points
+    ax.plot(steps, mean, color=color, label=label, linewidth=1.6, marker=marker, markersize=3)
 
 
 def _style_metric_axis(ax: Any, metric: str) -> None:
@@ -77,6 +78,10 @@ def _style_metric_axis(ax: Any, metric: str) -> None:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     else:
         ax.set_yscale("log")  # losses span two orders of magnitude over training
+        # Labels 0.1, 0.2, 0.5, 1, ... rather than powers of ten.
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
 
@@ -151,7 +156,8 @@ def compare_test_accuracy(configs: Sequence[Mapping[str, Any]],
     for y, config in enumerate(order):
         d = config["test_accuracy"]
         color = "tab:green" if config["run"] == best else "tab:blue"
-        err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
+        # Accuracy lives in [0, 1]; a t-interval reaching past it (one diverged seed) is clipped.
+        err = [[d["mean"] - max(d["ci_low"], 0.0)], [min(d["ci_high"], 1.0) - d["mean"]]]
         ax.errorbar(d["mean"], y, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
         seeds = [r["test_accuracy"] for r in run_rows if r["run"] == config["run"]]
         ax.plot(seeds, [y] * len(seeds), "|", color="black", markersize=10, alpha=0.6)

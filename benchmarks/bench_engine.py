@@ -1,0 +1,152 @@
+"""The engine against the idiomatic PyTorch loop, measured in one run on this machine.
+
+Fashion-MNIST (Debian's dataset-fashion-mnist), 48,000/12,000 stratified split, the seed schedule
+(batch 128, record every 75 steps). Each timing excludes data loading and is the median of
+`--repeats`. FLOP counts are nominal, as in issue 3: per model 3 × forward for training plus one
+forward over the validation set per record (≈ 578 GFLOP for 10 epochs).
+
+    python benchmarks/bench_engine.py --epochs 10 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mnistlab.config import PRESETS, RunConfig, Schedule
+from mnistlab.data.dataset import Source, Splits, make_splits
+from mnistlab.data.idx import read_idx
+from mnistlab.engine import Member, input_spec, train
+from mnistlab.model import build_mlp
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+SINGLE = "lr1e-3-p0.2"  # config A of the seed study: LayerNorm + dropout, lr 1e-3
+
+
+def fashion_splits() -> Splits:
+    part = lambda p: read_idx(FASHION / f"{p}-images-idx3-ubyte.gz",  # noqa: E731
+                              FASHION / f"{p}-labels-idx1-ubyte.gz")
+    return make_splits(Source("fashion-mnist", part("train"), part("t10k")), 0.2, seed=0)
+
+
+def nominal_gflop(splits: Splits, schedule: Schedule, hidden=(150, 150)) -> float:
+    """Per model: 2·MACs per sample forward; training 3×; a full validation pass per record."""
+    dims = [784, *hidden, 10]
+    forward = 2 * sum(a * b for a, b in itertools.pairwise(dims))
+    steps = -(-len(splits.train) // schedule.batch_size) * schedule.epochs
+    records = steps // schedule.record_every
+    return (3 * forward * len(splits.train) * schedule.epochs
+            + forward * len(splits.val) * records) / 1e9
+
+
+def idiomatic(splits: Splits, config: RunConfig, schedule: Schedule, seed: int = 0) -> float:
+    """The seed's loop: DataLoader batches, nn.Sequential, torch.optim.Adam, DataLoader eval."""
+    spec = input_spec(splits.train, config.input_norm)
+    tensors = lambda d: TensorDataset(spec.prepare(d.images), torch.as_tensor(d.labels))  # noqa: E731
+    torch.manual_seed(seed)
+    loader = DataLoader(tensors(splits.train), batch_size=schedule.batch_size, shuffle=True)
+    val_loader = DataLoader(tensors(splits.val), batch_size=1000)
+    model = build_mlp(config)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn, history, step = nn.CrossEntropyLoss(), [], 0
+    start = time.perf_counter()
+    for _ in range(schedule.epochs):
+        running = 0.0
+        for x, y in loader:
+            model.train()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            step += 1
+            if step % schedule.record_every == 0:
+                model.eval()
+                with torch.no_grad():
+                    val = [loss_fn(model(vx), vy).item() for vx, vy in val_loader]
+                history.append((running / schedule.record_every, sum(val) / len(val)))
+                running = 0.0
+    return time.perf_counter() - start
+
+
+def engine(splits: Splits, configs: list[RunConfig], schedule: Schedule) -> float:
+    """The engine as a study runs it: one stack per architecture, times summed."""
+    stacks: dict[tuple, list[Member]] = {}
+    for c in configs:
+        stacks.setdefault(c.architecture, []).append(Member(c, 0))
+    return sum(train(splits, m, schedule, device="cpu").seconds for m in stacks.values())
+
+
+def mm_gflops(repeats: int = 10) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def median_of(repeats: int, fn, *args) -> float:
+    return statistics.median(fn(*args) for _ in range(repeats))
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
+                       if ln.startswith("Model name")), platform.processor())
+    print(f"machine: {model_name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"load average before: {os.getloadavg()}")
+    splits = fashion_splits()
+    schedule = Schedule(epochs=args.epochs)
+    gflop = nominal_gflop(splits, schedule)
+    five = list(PRESETS.values())
+    print(f"data: {len(splits.train)}/{len(splits.val)}/{len(splits.test)}, "
+          f"{args.epochs} epochs, {gflop:.0f} nominal GFLOP per model; peak {peak_mib():.0f} MiB")
+    mm = mm_gflops()
+    print(f"torch.mm 2048x2048 fp32: {mm:.1f} GFLOP/s")
+    results = {
+        f"idiomatic, {SINGLE}": median_of(args.repeats, idiomatic, splits, PRESETS[SINGLE],
+                                          schedule),
+        f"engine N=1, {SINGLE}": median_of(args.repeats, engine, splits, [PRESETS[SINGLE]],
+                                           schedule),
+    }
+    print(f"peak after N=1 runs: {peak_mib():.0f} MiB")
+    results["idiomatic, five configs one after another"] = median_of(
+        args.repeats, lambda: sum(idiomatic(splits, c, schedule) for c in five))
+    results["engine, five configs (N=1 baseline + N=4 stack)"] = median_of(
+        args.repeats, engine, splits, five, schedule)
+    print(f"peak after all: {peak_mib():.0f} MiB")
+    for name, seconds in results.items():
+        models = 5 if "five" in name else 1
+        rate = gflop * models / seconds
+        print(f"{name:52s} {seconds:7.2f} s  {rate:6.1f} GFLOP/s  {rate / mm:5.0%} of mm")
+    names = list(results)
+    print(f"speed-up N=1: {results[names[0]] / results[names[1]]:.2f}x, "
+          f"five configs: {results[names[2]] / results[names[3]]:.2f}x")
+    print(f"torch.mm 2048x2048 again: {mm_gflops():.1f} GFLOP/s; "
+          f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
