@@ -11,8 +11,16 @@ from typer.testing import CliRunner
 from mnistlab.cli import app
 
 COMMANDS = [
-    ["study"], ["train"], ["data"], ["data", "fetch"], ["data", "check"], ["report"],
-    ["evaluate"], ["predict"], ["export"],
+    ["study"],
+    ["train"],
+    ["data"],
+    ["data", "fetch"],
+    ["data", "check"],
+    ["report"],
+    ["evaluate"],
+    ["predict"],
+    ["export"],
+    ["sweep"],
 ]
 
 
@@ -25,7 +33,10 @@ def test_every_command_has_help(command):
 
 def _mnistlab(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mnistlab.cli", *args], capture_output=True, text=True, cwd=cwd,
+        [sys.executable, "-m", "mnistlab.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
         timeout=120,
     )
 

@@ -88,6 +88,6 @@ def test_run_toml_becomes_a_one_run_study(tmp_path):
 
 def test_architecture_groups_what_can_share_a_stack():
     a = RunConfig(name="a", lr=0.1, dropout=0.2, layernorm=True)
-    b = RunConfig(name="b", lr=0.001, dropout=0.5, layernorm=True)
+    b = RunConfig(name="b", lr=0.001, dropout=0.5, layernorm=False)
     assert a.architecture == b.architecture
     assert a.architecture != RunConfig(name="c", hidden=(100, 100)).architecture

@@ -275,6 +275,53 @@ def export(
     typer.echo(export_command(checkpoint, onnx))
 
 
+@app.command()
+@user_errors
+def sweep(
+    grid: Annotated[
+        Path | None, typer.Option(help="A sweep TOML: base config, [grid], [random].")
+    ] = None,
+    random: Annotated[
+        int | None, typer.Option("--random", help="Sample N configurations from [random] ranges.")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per configuration.")] = None,
+    stack_size: Annotated[
+        int | None, typer.Option(help="Models per engine stack (default: from free memory).")
+    ] = None,
+    halving: Annotated[
+        bool, typer.Option("--halving", help="Successive halving: keep the best third per rung.")
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Run the stacks on a Ray cluster: auto or HOST:PORT.")
+    ] = None,
+    data: DataOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per run.")] = None,
+    device: DeviceOpt = None,
+    out: OutOpt = Path("runs"),
+    resume: ResumeOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Sweep a grid or random sample of configurations × seeds, here or on a Ray cluster."""
+    from mnistlab.sweep import sweep_command
+
+    typer.echo(
+        sweep_command(
+            grid,
+            random=random,
+            seeds=seeds,
+            stack_size=stack_size,
+            halving=halving,
+            ray_address=ray_address,
+            data=data,
+            epochs=epochs,
+            device=device,
+            out=out,
+            resume=resume,
+            verbose=verbose,
+        )
+    )
+
+
 def main() -> None:
     app(prog_name="mnistlab")
 

@@ -67,8 +67,12 @@ class RunConfig:
 
     @property
     def architecture(self) -> tuple:
-        """What must match for two configurations to share one stacked model."""
-        return (self.hidden, self.activation, self.layernorm, self.dropout_after, self.input_norm)
+        """What must match for two configurations to share one engine stack.
+
+        Learning rate, Adam settings, dropout p and LayerNorm on/off may differ within a stack
+        (LayerNorm is selected per model), so the whole seed study is one stack.
+        """
+        return (self.hidden, self.activation, self.dropout_after, self.input_norm)
 
 
 @dataclass(frozen=True)

@@ -285,12 +285,15 @@ def run_study(
     On Ctrl-C the engine saves its state first; `--resume RUN_DIR` then ends with the same numbers.
     """
     display = display or StudyProgress(live=False)
+    if resume is not None:
+        study = load_study(RunDir.existing(resume).config_path)
+    # Data and device first: a bad --data or --device leaves no half-made run directory behind.
+    splits = load_splits(study)
+    device = str(engine.resolve_device(study.device))
     study, run_dir = prepare(study, out=out, resume=resume)
     display.note(f"run directory: {run_dir.root}")
-    splits = load_splits(study)
     if splits.note:
         display.note(splits.note)
-    device = str(engine.resolve_device(study.device))
     atomic_write_json(run_dir.env_path, environment({"seeds": list(study.seeds)}, device))
     stacks = [(i, members, study.schedule) for i, members in enumerate(plan_stacks(study))]
     outcomes = train_stacks(

@@ -513,9 +513,7 @@ def run_sweep(
     run_dir.write_summary(summary)
     if render:
         from mnistlab.report import render as render_report
-        from mnistlab.report.sweep import heatmap
 
-        heatmap(summary, run_dir.plots)
         render_report(run_dir)
     return run_dir, summary
 

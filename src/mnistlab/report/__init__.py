@@ -10,6 +10,7 @@ from mnistlab.evaluate import best_checkpoint, evaluate, finished_summary, study
 from mnistlab.model import load_checkpoint
 from mnistlab.report import plots
 from mnistlab.report.html import render_html
+from mnistlab.report.sweep import sweep_section
 from mnistlab.report.tensorboard import write_tensorboard
 from mnistlab.runs import RunDir, atomic_write_text
 
@@ -26,7 +27,11 @@ def render(run_dir: RunDir | Path, *, best_eval: bool = True) -> Path:
     study = load_study(run.config_path)
     rows = run.read_metrics()
     figures = _curve_figures(run, summary, rows)
-    notes = []
+    notes, extra = [], []
+    if "sweep" in summary:
+        top_table, sweep_figures = sweep_section(summary, run.plots)
+        figures.insert(0, ("Sweep", sweep_figures))
+        extra.append(top_table)
     if best_eval:
         try:
             evaluation = _evaluation_figures(run, summary)
@@ -34,7 +39,7 @@ def render(run_dir: RunDir | Path, *, best_eval: bool = True) -> Path:
         except (MnistlabError, OSError) as exc:
             notes.append(f"Confusion matrix and misclassified grid skipped: {exc}")
     write_tensorboard(rows, run.tensorboard)
-    page = render_html(summary, rows, figures, study=study, notes=notes)
+    page = render_html(summary, rows, figures, study=study, notes=notes, extra=extra)
     atomic_write_text(run.report_path, page)
     return run.report_path
 

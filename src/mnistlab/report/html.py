@@ -227,8 +227,13 @@ def _figure(caption: str, path: Path) -> str:
 
 
 def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], figures: Figures,
-                *, study: StudyConfig | None = None, notes: Sequence[str] = ()) -> str:
-    """The whole page as a string; `notes` are shown prominently (e.g. plots that were skipped)."""
+                *, study: StudyConfig | None = None, notes: Sequence[str] = (),
+                extra: Sequence[str] = ()) -> str:
+    """The whole page as a string; `notes` are shown prominently (e.g. plots that were skipped).
+
+    `extra` is trusted HTML (already escaped by its maker, e.g. a sweep's top-10 table) placed
+    after the reading.
+    """
     comparisons = summary["comparisons"]
     title = f"mnistlab study: {summary.get('study', '')}"
     parts = [
@@ -237,6 +242,7 @@ def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], f
         *(f'<p class="note">{escape(n)}</p>' for n in notes),
         "<h2>Reading</h2>",
         "<ul>" + "".join(f"<li>{escape(s)}</li>" for s in reading(summary, rows)) + "</ul>",
+        *extra,
         "<h2>Statistics over seeds</h2>",
         _stats_table(summary["configs"], summary["runs"], comparisons.get("best")),
         "<h2>Comparisons</h2>",

@@ -31,12 +31,12 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure whose layout engine keeps titles, labels and colour bars from overlapping."""
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         # No "Software" text chunk: the PNG carries no URL and is byte-stable across renders.
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
@@ -93,7 +93,7 @@ def _seed_count(rows: Sequence[Mapping[str, Any]], run: str) -> int:
 def run_curves(rows: Sequence[Mapping[str, Any]], run: str, metric: str, folder: Path,
                steps_per_epoch: int | None = None) -> Path:
     """`<run>_<metric>.png`: training and validation curves of one configuration over its seeds."""
-    fig = _figure(7, 4.2)
+    fig = new_figure(7, 4.2)
     ax = fig.add_subplot()
     for split, (color, label) in SPLIT_STYLE.items():
         steps, mean, low, high = seed_band(rows, run, split, metric)
@@ -105,7 +105,7 @@ def run_curves(rows: Sequence[Mapping[str, Any]], run: str, metric: str, folder:
     ax.set_xlabel(_iteration_label(steps_per_epoch))
     _style_metric_axis(ax, metric)
     ax.legend(loc="best")
-    return _save(fig, folder / f"{safe_name(run)}_{metric}.png")
+    return save_figure(fig, folder / f"{safe_name(run)}_{metric}.png")
 
 
 def _iteration_label(steps_per_epoch: int | None) -> str:
@@ -119,7 +119,7 @@ def compare_curves(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metri
     The right panel shows the second half of training only, where the configurations are close
     and the full-range axis would hide their differences.
     """
-    fig = _figure(12, 4.5)
+    fig = new_figure(12, 4.5)
     full, zoom = fig.subplots(1, 2)
     colors = _colors(len(runs))
     for run, color in zip(runs, colors, strict=True):
@@ -135,7 +135,7 @@ def compare_curves(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metri
         ax.set_xlabel(_iteration_label(steps_per_epoch))
         _style_metric_axis(ax, metric)
     full.legend(loc="best", fontsize="small")
-    return _save(fig, folder / f"compare_val_{metric}.png")
+    return save_figure(fig, folder / f"compare_val_{metric}.png")
 
 
 def _colors(n: int) -> list:
@@ -151,7 +151,7 @@ def compare_test_accuracy(configs: Sequence[Mapping[str, Any]],
     """`compare_test_accuracy.png`: per configuration the mean test accuracy with its 95% CI and
     each seed as a dot, best on top."""
     order = sorted(configs, key=lambda c: _nan_low(c["test_accuracy"]["mean"]))
-    fig = _figure(8, 1.2 + 0.55 * len(order))
+    fig = new_figure(8, 1.2 + 0.55 * len(order))
     ax = fig.add_subplot()
     for y, config in enumerate(order):
         d = config["test_accuracy"]
@@ -166,7 +166,7 @@ def compare_test_accuracy(configs: Sequence[Mapping[str, Any]],
     ax.set_xlabel("test accuracy (dot = mean, bar = 95% CI, ticks = seeds)")
     ax.set_title("test accuracy per configuration" + (f" (best: {best})" if best else ""))
     ax.grid(True, axis="x", alpha=0.3)
-    return _save(fig, folder / "compare_test_accuracy.png")
+    return save_figure(fig, folder / "compare_test_accuracy.png")
 
 
 def _nan_low(value: float) -> float:
@@ -177,7 +177,7 @@ def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str) ->
     """Confusion matrix: counts written in the cells, colour by row share (recall per class)."""
     n = len(classes)
     share = ev.confusion / np.maximum(ev.confusion.sum(axis=1, keepdims=True), 1)
-    fig = _figure(1.2 + 0.62 * n, 0.9 + 0.55 * n)
+    fig = new_figure(1.2 + 0.62 * n, 0.9 + 0.55 * n)
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i, j in np.ndindex(n, n):
@@ -189,7 +189,7 @@ def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str) ->
     ax.set_ylabel("true class")
     ax.set_title(f"{title}\naccuracy {ev.accuracy:.2%} on {int(ev.support.sum())} images")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def misclassified(ev: Evaluation, dataset: Dataset, classes: Sequence[str], path: Path,
@@ -212,7 +212,7 @@ def misclassified(ev: Evaluation, dataset: Dataset, classes: Sequence[str], path
                          f"{m.confidence:.1%}  #{m.index}", fontsize=8)
     if not ev.worst:
         fig.text(0.5, 0.5, "no errors", ha="center", va="center")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def evaluation_plots(ev: Evaluation, dataset: Dataset, classes: Sequence[str], folder: Path,

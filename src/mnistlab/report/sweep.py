@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mnistlab.report.html import mean_ci, pct, table
-from mnistlab.report.plots import _figure, _save
+from mnistlab.report.plots import new_figure, save_figure
 
 HEATMAP = "sweep_heatmap.png"
 TOP_HEADER = (
@@ -113,7 +113,7 @@ def heatmap(summary: Mapping[str, Any], folder: Path) -> Path:
         for c in summary["configs"]
     ]
     last = max(p[4] for p in points)
-    fig = _figure(7.5, 5.5)
+    fig = new_figure(7.5, 5.5)
     ax = fig.add_subplot()
     if summary["sweep"].get("samples"):
         _scatter(fig, ax, points)
@@ -122,7 +122,7 @@ def heatmap(summary: Mapping[str, Any], folder: Path) -> Path:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("dropout p")
     ax.set_title("Mean test accuracy over seeds")
-    return _save(fig, folder / HEATMAP)
+    return save_figure(fig, folder / HEATMAP)
 
 
 def _cells(fig: Any, ax: Any, points: Sequence[tuple], last: int) -> None:
