@@ -53,7 +53,7 @@ def mnist_run(tmp_path_factory):
 
 @needs_mnist
 def test_study_writes_the_whole_run_directory(mnist_run):
-    run_dir, summary = mnist_run
+    run_dir, _ = mnist_run
     root = run_dir.root
     for name in ("study.toml", "env.json", "metrics.csv", "summary.json", "report.html"):
         assert (root / name).is_file(), name

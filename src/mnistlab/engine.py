@@ -1,5 +1,8 @@
 """The training engine: one call trains a stack of N models on one split, resumably.
 
+The members share `RunConfig.architecture` (hidden sizes, activation, dropout placement, input
+normalisation); everything else, LayerNorm on/off included, may differ per member.
+
 Data live on the device once, as one float tensor each for train/validation/test; a batch is an
 index slice of the epoch's permutation (one permutation per seed, so models of one seed see the
 same batches). Metrics accumulate on the device and are read only at a record, a log line or the
@@ -318,7 +321,8 @@ def _check_members(members: Sequence[Member]) -> None:
         if m.config.architecture != first.architecture:
             raise MnistlabError(
                 f"runs '{first.name}' and '{m.config.name}' differ in architecture (hidden, "
-                "activation, layernorm, dropout_after, input_norm); train them in separate stacks"
+                "activation, dropout_after, input_norm; LayerNorm may differ); train them in "
+                "separate stacks"
             )
     keys = [(m.config.name, m.seed) for m in members]
     if len(set(keys)) != len(keys):

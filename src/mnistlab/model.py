@@ -127,10 +127,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 # --- the stacked form the engine trains ---------------------------------------------------------
-# Parameters of N models of one architecture as tensors with a leading model dimension, named by
-# position among their kind (linear0, norm0, linear1, ...), so a model with Dropout modules and one
-# without map to the same names. Linear weights are stored transposed, (N, in, out), which is the
-# layout torch.baddbmm multiplies by; vectors are (N, 1, size) so they broadcast over a batch.
+# Parameters of N models of one layer shape (config.architecture) as tensors with a leading model
+# dimension, named by position among their kind (linear0, norm0, linear1, ...), so a model with
+# Dropout modules and one without map to the same names. Linear weights are stored transposed,
+# (N, in, out), which is the layout torch.baddbmm multiplies by; vectors are (N, 1, size) so they
+# broadcast over a batch. Models may differ in LayerNorm: see stack_models.
 
 
 def _named_layers(model: nn.Sequential) -> Iterator[tuple[str, nn.Linear | nn.LayerNorm]]:
@@ -153,9 +154,21 @@ def _member_views(model: nn.Sequential) -> dict[str, torch.Tensor]:
 
 
 def stack_models(models: Sequence[nn.Sequential]) -> dict[str, torch.Tensor]:
-    """Plain models of one architecture → stacked tensors (exact copies)."""
+    """Plain models of one layer shape → stacked tensors (exact copies).
+
+    Where some models have LayerNorm and others not, a model without gets the identity LayerNorm
+    parameters (weight 1, bias 0) under the norm names, so every key has all N rows; its own
+    forward never uses them and `unstack_model` leaves them out.
+    """
     views = [_member_views(m) for m in models]
-    return {key: torch.stack([v[key] for v in views]).contiguous() for key in views[0]}
+    shapes = {key: v.shape for view in views for key, v in view.items()}
+
+    def row(view: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        if key in view or not key.startswith("norm"):
+            return view[key]
+        return (torch.ones if key.endswith(".weight") else torch.zeros)(shapes[key])
+
+    return {key: torch.stack([row(v, key) for v in views]).contiguous() for key in shapes}
 
 
 def unstack_model(

@@ -23,6 +23,8 @@ from typing import Any
 
 from mnistlab.errors import MnistlabError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 METRIC_COLUMNS = ("run", "seed", "step", "epoch", "split", "loss", "accuracy")
 
 
@@ -34,6 +36,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be as readable as any file
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -63,7 +66,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+    """JSON written atomically. A diverged run's metrics are NaN, written as the `NaN` token that
+    Python, pandas and JavaScript's JSON5 read (strict parsers need `allow_nan` or equivalent)."""
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def metrics_csv(rows: Iterable[Mapping[str, Any]]) -> str:

@@ -1,4 +1,4 @@
-"""N MLPs of one architecture trained as one: stacked weights, a hand-written backward pass, Adam.
+"""N MLPs of one layer shape trained as one: stacked weights, a hand-written backward pass, Adam.
 
 Why by hand: on a small CPU the cost of this model is a handful of small matrix products per
 step; autograd's bookkeeping and per-parameter optimiser loops are a visible share of it. Here a
@@ -6,6 +6,12 @@ layer of all N models is one `torch.baddbmm` on weights shaped (N, in, out), the
 calls PyTorch's own backward kernels (threshold/gelu/tanh, layer norm) on whole stacks, and Adam
 is PyTorch's fused kernel, one call per model so each model keeps its own hyperparameters and can
 be frozen (`found_inf`) without touching the others.
+
+Models share hidden sizes, activation and dropout placement (`RunConfig.architecture`); learning
+rate, Adam settings, dropout p and LayerNorm on/off are per model. In a stack mixing models with
+and without LayerNorm, LayerNorm is computed for the whole stack and selected per model; a model
+without it holds unused identity LayerNorm parameters that get zero gradients, stay outside its
+Adam step (so weight decay never moves them) and are never exported.
 
 Every operation acts on each model's slice independently, so model k computes bit for bit the
 same numbers whatever the other models are (checked by the tests).
@@ -68,18 +74,26 @@ class Stack:
         self.configs, self.seeds, self.device = list(configs), list(seeds), device
         self.n = len(self.configs)
         arch = configs[0]
-        self.depth, self.act, self.layernorm = len(arch.hidden), arch.activation, arch.layernorm
+        self.depth, self.act = len(arch.hidden), arch.activation
+        has_ln = [c.layernorm for c in configs]
+        self.layernorm = any(has_ln)
+        # (N, 1, 1) selector where LayerNorm is on for some models only; None when all or none.
+        mixed = self.layernorm and not all(has_ln)
+        self.ln_mask = torch.tensor(has_ln, device=device).view(-1, 1, 1) if mixed else None
         # Each model's parameters fill one row of a flat (N, P) tensor, so Adam is one fused call
-        # per model; the named tensors are views of it (offsets aligned to 64 bytes).
+        # per model; the named tensors are views of it (offsets aligned to 64 bytes). LayerNorm
+        # parameters come last, so a model without LayerNorm steps only the prefix before them.
         offsets, size = {}, 0
-        for key, v in weights.items():
+        for key in sorted(weights, key=lambda key: key.startswith("norm")):
             offsets[key] = size
-            size += -(-v[0].numel() // 16) * 16
+            size += -(-weights[key][0].numel() // 16) * 16
+        no_norm = min([o for key, o in offsets.items() if key.startswith("norm")], default=size)
+        self.adam_span = [size if ln else no_norm for ln in has_ln]
         self.flat = {kind: torch.zeros(self.n, size, device=device) for kind in (*_KINDS, "grad")}
 
         def views(flat: Tensor) -> dict[str, Tensor]:
-            return {key: flat[:, o : o + v[0].numel()].view(v.shape)
-                    for (key, v), o in zip(weights.items(), offsets.values(), strict=True)}
+            return {key: flat[:, o : o + weights[key][0].numel()].view(weights[key].shape)
+                    for key, o in offsets.items()}
 
         self.named = {kind: views(self.flat[kind]) for kind in _KINDS}
         self.params, self.grads = self.named["param"], views(self.flat["grad"])
@@ -133,6 +147,8 @@ class Stack:
                     layer.u, [h.shape[-1]], None, None, LN_EPS
                 )
                 h = torch.addcmul(p[f"norm{i}.bias"], layer.xhat, p[f"norm{i}.weight"])
+                if self.ln_mask is not None:
+                    h = torch.where(self.ln_mask, h, layer.u)
             hidden.append(layer)
         logits = torch.baddbmm(p[f"linear{self.depth}.bias"], h, p[f"linear{self.depth}.weight"])
         hidden.append(_Hidden(h, logits, logits, None, logits))
@@ -149,24 +165,41 @@ class Stack:
             d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
             layer = hidden[i - 1]
             if self.layernorm:
-                torch.sum(d * layer.xhat, 1, keepdim=True, out=g[f"norm{i - 1}.weight"])
-                torch.sum(d, 1, keepdim=True, out=g[f"norm{i - 1}.bias"])
-                d = torch.ops.aten.native_layer_norm_backward(
-                    d * p[f"norm{i - 1}.weight"], layer.u, [d.shape[-1]], layer.mean, layer.rstd,
-                    None, None, [True, False, False],
-                )[0]
+                d = self._layernorm_backward(d, layer, i - 1)
             if layer.mask is not None:
                 d = d * layer.mask
             d = _ACT_BACKWARD[self.act](d, layer.z, layer.a)
 
+    def _layernorm_backward(self, d: Tensor, layer: _Hidden, i: int) -> Tensor:
+        """LayerNorm i's parameter gradients, and d through it (unchanged for models without)."""
+        g = self.grads
+        torch.sum(d * layer.xhat, 1, keepdim=True, out=g[f"norm{i}.weight"])
+        torch.sum(d, 1, keepdim=True, out=g[f"norm{i}.bias"])
+        d_in = torch.ops.aten.native_layer_norm_backward(
+            d * self.params[f"norm{i}.weight"], layer.u, [d.shape[-1]], layer.mean, layer.rstd,
+            None, None, [True, False, False],
+        )[0]
+        if self.ln_mask is None:
+            return d_in
+        # masked_fill, not a product: exact zeros even where a diverged model's d is NaN
+        g[f"norm{i}.weight"].masked_fill_(~self.ln_mask, 0.0)
+        g[f"norm{i}.bias"].masked_fill_(~self.ln_mask, 0.0)
+        return torch.where(self.ln_mask, d_in, d)
+
     # --- optimiser ----------------------------------------------------------------------------
 
     def adam(self, frozen: Tensor) -> None:
-        """A torch.optim.Adam step (L2 weight decay) for each model, except where frozen[k] = 1."""
+        """A torch.optim.Adam step (L2 weight decay) for each model, except where frozen[k] = 1.
+
+        Only a model's own parameters are stepped: not the unused LayerNorm ones of a model
+        without LayerNorm, which weight decay would otherwise move.
+        """
         self.adam_step += 1
         for k, c in enumerate(self.configs):
+            span = self.adam_span[k]
             torch._fused_adam_(
-                *([self.flat[kind][k]] for kind in ("param", "grad", "exp_avg", "exp_avg_sq")),
+                *([self.flat[kind][k, :span]]
+                  for kind in ("param", "grad", "exp_avg", "exp_avg_sq")),
                 [], [self.adam_step], lr=c.lr, beta1=c.betas[0],
                 beta2=c.betas[1], weight_decay=c.weight_decay, eps=c.eps, amsgrad=False,
                 maximize=False, found_inf=frozen[k],
