@@ -185,15 +185,20 @@ def study_to_toml(study: StudyConfig) -> str:
     return tomli_w.dumps(to_dict(study))
 
 
+def read_toml(path: Path, kind: str) -> dict[str, Any]:
+    """A TOML file's values; missing or malformed is a one-line ConfigError naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{path}: no such file; pass an existing {kind} TOML") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
+
+
 def load_study(path: str | Path) -> StudyConfig:
     """Read a study TOML; a malformed file is a one-line ConfigError naming it."""
     path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; pass an existing study TOML") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    values = read_toml(path, "study")
     return study_from_dict(values, where=str(path))
 
 
@@ -205,12 +210,7 @@ def load_run_study(
     A file holding `[[runs]]` is read as a whole study instead.
     """
     path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; pass an existing run TOML") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    values = read_toml(path, "run")
     if "runs" in values:
         return study_from_dict(values, where=str(path))
     schedule = _tupled(Schedule, values.pop("schedule", {}), f"{path} [schedule]")

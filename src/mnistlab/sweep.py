@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 import math
 import os
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,15 @@ import numpy as np
 import tomli_w
 
 from mnistlab import engine
-from mnistlab.config import PRESETS, RunConfig, Schedule, StudyConfig, study_to_toml, to_dict
+from mnistlab.config import (
+    PRESETS,
+    RunConfig,
+    Schedule,
+    StudyConfig,
+    read_toml,
+    study_to_toml,
+    to_dict,
+)
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member
 from mnistlab.errors import ConfigError, MnistlabError
@@ -114,12 +121,7 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     validated with the file, as if written in it.
     """
     path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; pass an existing sweep TOML") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    values = read_toml(path, "sweep")
     for key, value in (overrides or {}).items():
         schedule = values.get("schedule", {})
         if key == "epochs" and isinstance(schedule, dict):
