@@ -15,7 +15,7 @@ from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, input_spec, resolve_device, train
 from mnistlab.errors import MnistlabError
 from mnistlab.model import build_mlp
-from mnistlab.stack import Stack, derived_seed
+from mnistlab.stack import Stack, cross_entropy, derived_seed
 
 LN = PRESETS["lr1e-3-p0.2"]
 
@@ -55,8 +55,9 @@ def reference_run(splits: Splits, config: RunConfig, seed: int, steps: int, batc
         [replace(LN, dropout=0.0)],
         [RunConfig(lr=1e-3, weight_decay=0.05, betas=(0.85, 0.995), eps=1e-7)],
         [RunConfig(name="a", lr=1e-3), RunConfig(name="b", lr=5e-4)],  # one seed: same batches
+        [RunConfig(name="a", lr=1e-3), replace(LN, name="b", dropout=0.0)],
     ],
-    ids=["plain", "layernorm", "weight-decay", "two-lrs"],
+    ids=["plain", "layernorm", "weight-decay", "two-lrs", "mixed-layernorm"],
 )
 def test_matches_sequential_and_torch_adam_for_100_steps(splits, configs):
     schedule = Schedule(epochs=10, record_every=25)
@@ -72,12 +73,21 @@ def test_matches_sequential_and_torch_adam_for_100_steps(splits, configs):
         np.testing.assert_allclose([r["loss"] for r in train_rows], expected, rtol=1e-4)
 
 
-def test_member_of_a_stack_equals_it_trained_alone(splits):
-    """Bit for bit, with dropout and mixed seeds, on the CPU."""
-    members = [
-        Member(LN, 0), Member(PRESETS["lr5e-4-p0.4"], 1), Member(PRESETS["lr1e-4-p0.6"], 0),
-        Member(replace(LN, name="wd", weight_decay=0.1), 1), Member(replace(LN, dropout=0.0), 2),
-    ]
+ALL_LAYERNORM = [
+    Member(LN, 0), Member(PRESETS["lr5e-4-p0.4"], 1), Member(PRESETS["lr1e-4-p0.6"], 0),
+    Member(replace(LN, name="wd", weight_decay=0.1), 1), Member(replace(LN, dropout=0.0), 2),
+]
+MIXED_LAYERNORM = [  # the seed study's baseline beside LayerNorm + dropout members
+    Member(PRESETS["baseline"], 0), Member(PRESETS["layernorm-dropout"], 1), Member(LN, 0),
+    Member(replace(PRESETS["baseline"], name="drop-wd", dropout=0.3, weight_decay=0.1), 1),
+    Member(replace(LN, name="wd", weight_decay=0.1), 1),
+]
+
+
+@pytest.mark.parametrize("members", [ALL_LAYERNORM, MIXED_LAYERNORM],
+                         ids=["all-layernorm", "mixed-layernorm"])
+def test_member_of_a_stack_equals_it_trained_alone(splits, members):
+    """Bit for bit, with dropout, mixed seeds and LayerNorm on/off per member, on the CPU."""
     schedule = Schedule(epochs=2, record_every=4)
     stacked = train(splits, members, schedule, device="cpu")
     assert train(splits, members, schedule, device="cpu").rows == stacked.rows
@@ -87,19 +97,25 @@ def test_member_of_a_stack_equals_it_trained_alone(splits):
         mine = [r for r in stacked.rows if (r["run"], r["seed"]) == key]
         assert mine == alone.rows
         assert stacked.test[k] == alone.test[0]
-        for key, value in alone.checkpoint(0).model.state_dict().items():
-            assert torch.equal(stacked.checkpoint(k).model.state_dict()[key], value), key
+        exported = stacked.checkpoint(k).model.state_dict()
+        expected = alone.checkpoint(0).model.state_dict()
+        assert list(exported) == list(expected)
+        for key, value in expected.items():
+            assert torch.equal(exported[key], value), key
+        if not member.config.layernorm:  # its unused LayerNorm parameters never moved
+            assert torch.all(stacked.weights["norm1.weight"][k] == 1)
+            assert torch.all(stacked.weights["norm1.bias"][k] == 0)
 
 
 def test_initial_weights_are_build_mlp_under_manual_seed():
-    stack = Stack.initial([LN, RunConfig(name="x", layernorm=True)], [7, 7], 784, 10,
-                          torch.device("cpu"))
-    torch.manual_seed(7)
-    plain = build_mlp(LN)
+    configs = [LN, RunConfig(name="x")]  # with and without LayerNorm
+    stack = Stack.initial(configs, [7, 7], 784, 10, torch.device("cpu"))
     x = torch.rand(5, 784)
     logits, _ = stack.forward(x.expand(2, -1, -1))
-    plain.eval()
-    torch.testing.assert_close(logits[0], plain(x), atol=1e-6, rtol=1e-5)
+    for k, config in enumerate(configs):
+        torch.manual_seed(7)
+        plain = build_mlp(config).eval()
+        torch.testing.assert_close(logits[k], plain(x), atol=1e-6, rtol=1e-5)
     assert all(torch.equal(v[0], v[1]) for v in stack.params.values())  # same seed, same init
 
 
@@ -117,33 +133,38 @@ def test_dropout_masks_are_per_model_and_independent():
     assert both_dropped == pytest.approx(0.2 * 0.6, abs=0.01)  # independent, not nested
 
 
-def test_hand_written_backward_equals_autograd():
-    """Every activation, LayerNorm and dropout: the stack's gradients against autograd's."""
-    for act, layernorm in [("relu", True), ("gelu", True), ("tanh", False)]:
-        configs = [RunConfig(name=f"m{k}", activation=act, layernorm=layernorm, dropout=p,
-                             dropout_after=(1, 2)) for k, p in enumerate((0.3, 0.0))]
-        stack = Stack.initial(configs, [0, 1], 784, 10, torch.device("cpu"))
-        x, y = torch.rand(2, 64, 784), torch.randint(0, 10, (2, 64))
-        from mnistlab.stack import cross_entropy
-
-        logits, hidden = stack.forward(x, train=True)
-        loss, _, dlogits = cross_entropy(logits, y)
-        stack.backward(dlogits, hidden)
-        params = {k: v.clone().requires_grad_() for k, v in stack.params.items()}
-        h = x
+@pytest.mark.parametrize("act, layernorm", [("relu", (True, True)), ("gelu", (False, True)),
+                                            ("tanh", (False, False))],
+                         ids=["relu-all-layernorm", "gelu-mixed-layernorm", "tanh-no-layernorm"])
+def test_hand_written_backward_equals_autograd(act, layernorm):
+    """Every activation, LayerNorm in all/some/no models, dropout: gradients against autograd."""
+    configs = [RunConfig(name=f"m{k}", activation=act, layernorm=layernorm[k], dropout=p,
+                         dropout_after=(1, 2)) for k, p in enumerate((0.3, 0.0))]
+    stack = Stack.initial(configs, [0, 1], 784, 10, torch.device("cpu"))
+    x, y = torch.rand(2, 64, 784), torch.randint(0, 10, (2, 64))
+    logits, hidden = stack.forward(x, train=True)
+    loss, _, dlogits = cross_entropy(logits, y)
+    stack.backward(dlogits, hidden)
+    params = {k: v.clone().requires_grad_() for k, v in stack.params.items()}
+    ref = []
+    for k, config in enumerate(configs):  # each model on its own, as nn.functional computes it
+        h = x[k]
         for i, layer in enumerate(hidden[:-1]):
-            h = torch.baddbmm(params[f"linear{i}.bias"], h, params[f"linear{i}.weight"])
+            h = h @ params[f"linear{i}.weight"][k] + params[f"linear{i}.bias"][k]
             h = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh}[act](h)
-            h = h * layer.mask if layer.mask is not None else h
-            if layernorm:
-                h = nn.functional.layer_norm(h, [150]) * params[f"norm{i}.weight"]
-                h = h + params[f"norm{i}.bias"]
-        out = torch.baddbmm(params["linear2.bias"], h, params["linear2.weight"])
-        ref = nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
-        ref.view(2, -1).mean(1).sum().backward()
-        torch.testing.assert_close(loss, ref.view(2, -1).mean(1).detach())
-        for key, p in params.items():
-            torch.testing.assert_close(stack.grads[key], p.grad, atol=1e-6, rtol=1e-4, msg=key)
+            h = h * layer.mask[k] if layer.mask is not None else h
+            if config.layernorm:
+                h = nn.functional.layer_norm(h, [150], params[f"norm{i}.weight"][k, 0],
+                                             params[f"norm{i}.bias"][k, 0])
+        out = h @ params["linear2.weight"][k] + params["linear2.bias"][k]
+        ref.append(nn.functional.cross_entropy(out, y[k]))
+    torch.stack(ref).sum().backward()
+    torch.testing.assert_close(loss, torch.stack(ref).detach())
+    for key, p in params.items():
+        torch.testing.assert_close(stack.grads[key], p.grad, atol=1e-6, rtol=1e-4, msg=key)
+    for k, config in enumerate(configs):  # a model without LayerNorm: exactly zero norm grads
+        for key in [key for key in stack.grads if key.startswith("norm")]:
+            assert torch.any(stack.grads[key][k] != 0) == config.layernorm, (k, key)
 
 
 def test_diverged_member_is_frozen_and_others_unaffected(splits):
@@ -167,7 +188,7 @@ def test_diverged_member_is_frozen_and_others_unaffected(splits):
 
 
 def test_checkpoint_model_equals_stacked_forward(splits):
-    members = [Member(LN, 0), Member(PRESETS["lr5e-4-p0.4"], 3)]
+    members = [Member(LN, 0), Member(PRESETS["baseline"], 3)]
     result = train(splits, members, Schedule(epochs=1), device="cpu")
     stack = Stack([m.config for m in members], [0, 3], result.weights, torch.device("cpu"))
     x = result.inputs.prepare(splits.test.images)
@@ -207,7 +228,8 @@ def test_standardize_records_training_mean_and_std(make_dataset):
 
 def test_mixed_architectures_and_duplicates_are_refused(splits):
     with pytest.raises(MnistlabError, match="differ in architecture"):
-        train(splits, [Member(PRESETS["baseline"], 0), Member(LN, 0)], Schedule(), device="cpu")
+        train(splits, [Member(LN, 0), Member(RunConfig(hidden=(64,), dropout_after=()), 0)],
+              Schedule(), device="cpu")
     with pytest.raises(MnistlabError, match="once in a stack"):
         train(splits, [Member(LN, 0), Member(LN, 0)], Schedule(), device="cpu")
 

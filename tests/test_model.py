@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mnistlab.config import PRESETS, RunConfig
 from mnistlab.model import build_mlp, stack_models, unstack_model
@@ -56,3 +57,26 @@ def test_unstacked_model_computes_the_stacked_forward():
     h = torch.relu(torch.baddbmm(stacked["linear1.bias"], h, stacked["linear1.weight"]))
     logits = torch.baddbmm(stacked["linear2.bias"], h, stacked["linear2.weight"])
     torch.testing.assert_close(logits[0], model(x), atol=1e-6, rtol=1e-5)
+
+
+def test_models_with_and_without_layernorm_stack_and_unstack_exactly():
+    """A model without LayerNorm gets identity norm rows in the stack and none when unstacked."""
+    configs = [PRESETS["baseline"], PRESETS["lr1e-3-p0.2"], PRESETS["baseline"]]
+    models = []
+    for seed, config in enumerate(configs):
+        torch.manual_seed(seed)
+        models.append(build_mlp(config))
+    with torch.no_grad():  # trained-looking LayerNorms, so their rows are their own
+        for norm in (m for m in models[1] if isinstance(m, nn.LayerNorm)):
+            norm.weight.uniform_()
+            norm.bias.uniform_()
+    stacked = stack_models(models)
+    assert stacked["norm1.weight"].shape == (3, 1, 150)
+    for k in (0, 2):
+        assert torch.all(stacked["norm0.weight"][k] == 1)
+        assert torch.all(stacked["norm1.bias"][k] == 0)
+    for k, (model, config) in enumerate(zip(models, configs, strict=True)):
+        back = unstack_model(stacked, k, config)
+        assert list(back.state_dict()) == list(model.state_dict())
+        for key, value in model.state_dict().items():
+            assert torch.equal(back.state_dict()[key], value), key
