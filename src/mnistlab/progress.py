@@ -30,12 +30,16 @@ class StudyProgress:
         self._best: dict[str, float] = {}
 
     def note(self, text: str) -> None:
-        self.console.print(text, markup=False)
+        self.console.print(text, markup=False, soft_wrap=True)
 
-    def start_stack(self, index: int, count: int, names: list[str], total_steps: int) -> None:
+    def start_stack(
+        self, index: int, count: int, names: list[str], models: int, total_steps: int
+    ) -> None:
+        """`names`: the configurations in the stack; `models`: configurations × seeds."""
         self._label = f"stack {index + 1}/{count}"
         self._best = {}
-        self.note(f"{self._label}: {len(names)} models ({', '.join(names)})")
+        configs = f"{len(names)} configurations ({', '.join(names)})"
+        self.note(f"{self._label}: {models} models, {configs}")
         if self.live:
             self._bar = Progress(
                 TextColumn("{task.description}"),

@@ -36,7 +36,12 @@ _ACT_BACKWARD = {
     "gelu": lambda grad, z, a: torch.ops.aten.gelu_backward(grad, z),
     "tanh": lambda grad, z, a: torch.ops.aten.tanh_backward(grad, a),
 }
-_ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
+# With out=, so layer 0's activation is contiguous (N, B, H) whatever its input's layout.
+_ACT = {
+    "relu": lambda z, out: torch.clamp_min(z, 0, out=out),  # what torch.relu computes
+    "gelu": lambda z, out: torch.ops.aten.gelu.out(z, out=out),
+    "tanh": lambda z, out: torch.tanh(z, out=out),
+}
 
 
 def derived_seed(*parts: object) -> int:
@@ -80,6 +85,8 @@ class Stack:
         # (N, 1, 1) selector where LayerNorm is on for some models only; None when all or none.
         mixed = self.layernorm and not all(has_ln)
         self.ln_mask = torch.tensor(has_ln, device=device).view(-1, 1, 1) if mixed else None
+        # The same as [a, b) slices: copying those rows is cheaper than a `where` over all.
+        self.no_ln_runs = _runs([not ln for ln in has_ln]) if mixed else []
         # Each model's parameters fill one row of a flat (N, P) tensor, so Adam is one fused call
         # per model; the named tensors are views of it (offsets aligned to 64 bytes). LayerNorm
         # parameters come last, so a model without LayerNorm steps only the prefix before them.
@@ -130,14 +137,15 @@ class Stack:
         for k, gen in enumerate(self.generators):
             if self.configs[k].dropout > 0:
                 u[k].uniform_(generator=gen)
-        return (u >= self.drop_p).to(u.dtype).mul_(self.keep_scale)
+        return u.ge_(self.drop_p).mul_(self.keep_scale)  # in place: 1.0/0.0, then the scale
 
     def forward(self, x: Tensor, train: bool = False) -> tuple[Tensor, list[_Hidden]]:
         """Logits (N, B, classes) for input (N, B, in); with `train`, dropout and the cache."""
         p, hidden, h = self.params, [], x
         for i in range(self.depth):
-            z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
-            a = _ACT[self.act](z)
+            z = self._first_layer(x) if i == 0 else torch.baddbmm(
+                p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
+            a = _ACT[self.act](z, out=torch.empty(z.shape, device=z.device))
             dropout = train and i in self.dropout_layers
             mask = self._masks(a.shape[1], a.shape[2]) if dropout else None
             layer = _Hidden(h, z, a, mask, a if mask is None else a * mask)
@@ -147,8 +155,8 @@ class Stack:
                     layer.u, [h.shape[-1]], None, None, LN_EPS
                 )
                 h = torch.addcmul(p[f"norm{i}.bias"], layer.xhat, p[f"norm{i}.weight"])
-                if self.ln_mask is not None:
-                    h = torch.where(self.ln_mask, h, layer.u)
+                for a, b in self.no_ln_runs:
+                    h[a:b] = layer.u[a:b]
             hidden.append(layer)
         logits = torch.baddbmm(p[f"linear{self.depth}.bias"], h, p[f"linear{self.depth}.weight"])
         hidden.append(_Hidden(h, logits, logits, None, logits))
@@ -158,17 +166,43 @@ class Stack:
         """Gradients of the summed per-model losses into `self.grads`, given d loss / d logits."""
         p, g, d = self.params, self.grads, dlogits
         for i in range(self.depth, -1, -1):
-            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
             torch.sum(d, 1, keepdim=True, out=g[f"linear{i}.bias"])
             if i == 0:
+                self._first_layer_grad(hidden[0].x, d)
                 return
+            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
             d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
             layer = hidden[i - 1]
             if self.layernorm:
                 d = self._layernorm_backward(d, layer, i - 1)
             if layer.mask is not None:
-                d = d * layer.mask
+                d = d.mul_(layer.mask)  # d is this pass's own temporary
             d = _ACT_BACKWARD[self.act](d, layer.z, layer.a)
+
+    def _first_layer(self, x: Tensor) -> Tensor:
+        """Layer 0's pre-activation; one GEMM over all models' weights when they share the input.
+
+        Every model of one seed sees the same batch (the engine passes it expanded, stride 0), so
+        x @ [W_1 | ... | W_N] is one large product instead of N small ones; each output column
+        is the same dot product either way, bit for bit.
+        """
+        w, b = self.params["linear0.weight"], self.params["linear0.bias"]
+        if not _shared(x):
+            return torch.baddbmm(b, x, w)
+        n, _, width = w.shape
+        z = torch.addmm(b.transpose(0, 1).reshape(1, n * width), x[0],
+                        w.transpose(0, 1).reshape(-1, n * width))
+        return z.view(-1, n, width).transpose(0, 1)
+
+    def _first_layer_grad(self, x: Tensor, d: Tensor) -> None:
+        """Layer 0's weight gradient; one GEMM x^T [d_1 | ... | d_N] for a shared input."""
+        g = self.grads["linear0.weight"]
+        if not _shared(x):
+            torch.bmm(x.transpose(1, 2), d, out=g)
+            return
+        n, _, width = d.shape
+        wide = torch.mm(x[0].t(), d.transpose(0, 1).reshape(-1, n * width))
+        g.copy_(wide.view(-1, n, width).transpose(0, 1))
 
     def _layernorm_backward(self, d: Tensor, layer: _Hidden, i: int) -> Tensor:
         """LayerNorm i's parameter gradients, and d through it (unchanged for models without)."""
@@ -184,7 +218,9 @@ class Stack:
         # masked_fill, not a product: exact zeros even where a diverged model's d is NaN
         g[f"norm{i}.weight"].masked_fill_(~self.ln_mask, 0.0)
         g[f"norm{i}.bias"].masked_fill_(~self.ln_mask, 0.0)
-        return torch.where(self.ln_mask, d_in, d)
+        for a, b in self.no_ln_runs:
+            d_in[a:b] = d[a:b]
+        return d_in
 
     # --- optimiser ----------------------------------------------------------------------------
 
@@ -227,6 +263,18 @@ class Stack:
 
 
 _KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """The [start, stop) ranges where `flags` is true."""
+    edges = [k for k in range(len(flags) + 1)
+             if (k < len(flags) and flags[k]) != (k > 0 and flags[k - 1])]
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+def _shared(x: Tensor) -> bool:
+    """Whether every model's input (N, B, in) is the same tensor (one model, or expanded)."""
+    return x.shape[0] == 1 or x.stride(0) == 0
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -189,7 +189,8 @@ def train_stacks(
     outcomes = []
     for i, (key, members, schedule) in enumerate(stacks):
         steps = _steps_per_epoch(len(splits.train), schedule) * schedule.epochs
-        display.start_stack(i, len(stacks), sorted({m.config.name for m in members}), steps)
+        names = list(dict.fromkeys(m.config.name for m in members))
+        display.start_stack(i, len(stacks), names, len(members), steps)
         try:
             outcome = train_stack(
                 run_dir,
