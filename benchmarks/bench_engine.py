@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Source, Splits, make_splits
 from mnistlab.data.idx import read_idx
-from mnistlab.engine import Member, input_spec, train
+from mnistlab.engine import Member, _keep_freed_memory, input_spec, train
 from mnistlab.model import build_mlp
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    _keep_freed_memory()  # train() sets this allocator policy; the idiomatic loop gets it too
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
                        if ln.startswith("Model name")), platform.processor())

@@ -28,6 +28,7 @@ The schedule (mnistlab.config.Schedule):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -52,7 +53,8 @@ from mnistlab.runs import atomic_path
 from mnistlab.stack import Stack, cross_entropy, derived_seed
 
 STATE_FORMAT = "mnistlab-train-state/1"
-EVAL_CHUNK = 4096  # validation/test rows per forward pass: large GEMMs, bounded memory
+EVAL_CHUNK = 4096  # validation/test rows per float32 loss sum (fixes the summation order)
+EVAL_BLOCK = 1024  # rows per forward pass: large GEMMs whose intermediates stay in cache
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,15 @@ def evaluate(stack: Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[floa
     loss = torch.zeros(stack.n, dtype=wide, device=x.device)
     correct = torch.zeros(stack.n, dtype=torch.int64, device=x.device)
     for a in range(0, len(x), EVAL_CHUNK):
-        xc, yc = x[a : a + EVAL_CHUNK], y[a : a + EVAL_CHUNK]
-        logits, _ = stack.forward(xc.expand(stack.n, -1, -1))
-        logp = torch.log_softmax(logits, -1)
-        loss -= logp.gather(-1, yc.expand(stack.n, -1).unsqueeze(-1)).sum((1, 2))
-        correct += (logits.argmax(-1) == yc).sum(1)
+        picked = []  # log p(label) per model and row, for one chunk's loss sum
+        stop = min(a + EVAL_CHUNK, len(x))
+        for b in range(a, stop, EVAL_BLOCK):
+            xb, yb = x[b : min(b + EVAL_BLOCK, stop)], y[b : min(b + EVAL_BLOCK, stop)]
+            logits, _ = stack.forward(xb.expand(stack.n, -1, -1))
+            logp = torch.log_softmax(logits, -1)
+            picked.append(logp.gather(-1, yb.expand(stack.n, -1).unsqueeze(-1)))
+            correct += (logits.argmax(-1) == yb).sum(1)
+        loss -= torch.cat(picked, 1).sum((1, 2))
     n = len(x) or math.nan
     return (loss / n).tolist(), (correct.to(wide) / n).tolist()
 
@@ -204,7 +210,8 @@ class _Training:
             perms = [torch.randperm(len(self.x), generator=g) for g in self.order_rngs]
             self.perms = torch.stack(perms).to(self.device)
         index = self.perms[:, i * self.schedule.batch_size : (i + 1) * self.schedule.batch_size]
-        x, y = self.x[index], self.y[index]
+        x = self.x.index_select(0, index.flatten()).view(*index.shape, -1)  # faster than x[index]
+        y = self.y[index]
         if len(self.seeds) == 1:
             return x.expand(len(self.members), -1, -1), y.expand(len(self.members), -1)
         return x[self.group], y[self.group]
@@ -329,6 +336,22 @@ def _check_members(members: Sequence[Member]) -> None:
         raise MnistlabError("each (run name, seed) may appear once in a stack; rename duplicates")
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc keep freed buffers for reuse instead of handing them back to the OS.
+
+    By default a step's multi-megabyte temporaries are unmapped when freed and page-faulted in
+    again on the next step: about a fifth of a CPU step here (measured). Elsewhere (macOS, no
+    glibc) there is nothing to tune.
+    """
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # no C library handle to look into (Windows)
+        return
+    if mallopt is not None:
+        mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: only huge blocks get their own mapping
+        mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -353,6 +376,8 @@ def train(
     members = list(members)
     _check_members(members)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        _keep_freed_memory()
     spec = input_spec(splits.train, members[0].config.input_norm)
     run = _Training(splits, members, schedule, dev, spec)
     if resume and state_path is not None and Path(state_path).is_file():

@@ -36,12 +36,7 @@ _ACT_BACKWARD = {
     "gelu": lambda grad, z, a: torch.ops.aten.gelu_backward(grad, z),
     "tanh": lambda grad, z, a: torch.ops.aten.tanh_backward(grad, a),
 }
-# With out=, so layer 0's activation is contiguous (N, B, H) whatever its input's layout.
-_ACT = {
-    "relu": lambda z, out: torch.clamp_min(z, 0, out=out),  # what torch.relu computes
-    "gelu": lambda z, out: torch.ops.aten.gelu.out(z, out=out),
-    "tanh": lambda z, out: torch.tanh(z, out=out),
-}
+_ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
 
 
 def derived_seed(*parts: object) -> int:
@@ -143,9 +138,11 @@ class Stack:
         """Logits (N, B, classes) for input (N, B, in); with `train`, dropout and the cache."""
         p, hidden, h = self.params, [], x
         for i in range(self.depth):
-            z = self._first_layer(x) if i == 0 else torch.baddbmm(
-                p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
-            a = _ACT[self.act](z, out=torch.empty(z.shape, device=z.device))
+            if i == 0 and not train and _shared(x):
+                z = self._wide_first_layer(x[0])
+            else:
+                z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
+            a = _ACT[self.act](z)
             dropout = train and i in self.dropout_layers
             mask = self._masks(a.shape[1], a.shape[2]) if dropout else None
             layer = _Hidden(h, z, a, mask, a if mask is None else a * mask)
@@ -166,11 +163,10 @@ class Stack:
         """Gradients of the summed per-model losses into `self.grads`, given d loss / d logits."""
         p, g, d = self.params, self.grads, dlogits
         for i in range(self.depth, -1, -1):
+            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
             torch.sum(d, 1, keepdim=True, out=g[f"linear{i}.bias"])
             if i == 0:
-                self._first_layer_grad(hidden[0].x, d)
                 return
-            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
             d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
             layer = hidden[i - 1]
             if self.layernorm:
@@ -179,30 +175,19 @@ class Stack:
                 d = d.mul_(layer.mask)  # d is this pass's own temporary
             d = _ACT_BACKWARD[self.act](d, layer.z, layer.a)
 
-    def _first_layer(self, x: Tensor) -> Tensor:
-        """Layer 0's pre-activation; one GEMM over all models' weights when they share the input.
+    def _wide_first_layer(self, x: Tensor) -> Tensor:
+        """Layer 0's pre-activation (N, B, H) for an input (B, in) that every model shares.
 
-        Every model of one seed sees the same batch (the engine passes it expanded, stride 0), so
-        x @ [W_1 | ... | W_N] is one large product instead of N small ones; each output column
-        is the same dot product either way, bit for bit.
+        x @ [W_1 | ... | W_N] is one wide GEMM instead of N narrow ones; each output column is
+        the same dot product either way, bit for bit. It pays for copying the weights into
+        that layout on evaluation blocks, not on training batches (measured). The result is made
+        contiguous: activations take another code path, with other rounding, on strided input.
         """
         w, b = self.params["linear0.weight"], self.params["linear0.bias"]
-        if not _shared(x):
-            return torch.baddbmm(b, x, w)
         n, _, width = w.shape
-        z = torch.addmm(b.transpose(0, 1).reshape(1, n * width), x[0],
+        z = torch.addmm(b.transpose(0, 1).reshape(1, n * width), x,
                         w.transpose(0, 1).reshape(-1, n * width))
-        return z.view(-1, n, width).transpose(0, 1)
-
-    def _first_layer_grad(self, x: Tensor, d: Tensor) -> None:
-        """Layer 0's weight gradient; one GEMM x^T [d_1 | ... | d_N] for a shared input."""
-        g = self.grads["linear0.weight"]
-        if not _shared(x):
-            torch.bmm(x.transpose(1, 2), d, out=g)
-            return
-        n, _, width = d.shape
-        wide = torch.mm(x[0].t(), d.transpose(0, 1).reshape(-1, n * width))
-        g.copy_(wide.view(-1, n, width).transpose(0, 1))
+        return z.view(-1, n, width).transpose(0, 1).contiguous()
 
     def _layernorm_backward(self, d: Tensor, layer: _Hidden, i: int) -> Tensor:
         """LayerNorm i's parameter gradients, and d through it (unchanged for models without)."""
