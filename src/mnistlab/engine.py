@@ -41,14 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from mnistlab.config import RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.errors import CheckpointError, MnistlabError
-from mnistlab.model import Checkpoint, InputSpec, unstack_model
+from mnistlab.model import Checkpoint, InputSpec, read_safetensors, unstack_model
 from mnistlab.runs import atomic_path
 from mnistlab.stack import Stack, cross_entropy, derived_seed
 
@@ -283,14 +282,7 @@ class _Training:
 
     def load(self, path: Path) -> None:
         fix = "pass the state file of this run, or start a new run without resuming"
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable resume state ({exc}); {fix}") from None
-        if meta.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path}: not an mnistlab resume state ({STATE_FORMAT}); {fix}")
+        tensors, meta = read_safetensors(path, STATE_FORMAT, "resume state", fix, "resume state")
         try:
             saved = json.loads(meta["fingerprint"])
             progress = json.loads(meta["progress"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -86,24 +86,32 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     atomic_write_bytes(path, checkpoint_bytes(ckpt))
 
 
+def read_safetensors(
+    path: Path, fmt: str, what: str, fix: str, unreadable: str = "safetensors file"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file whose metadata says `format = fmt`.
+
+    Never unpickles. Unreadable, truncated or foreign files are one-line CheckpointErrors:
+    "not a readable <unreadable>" and "not an mnistlab <what>".
+    """
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable {unreadable} ({exc}); {fix}") from None
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path}: not an mnistlab {what} (no '{fmt}' metadata); {fix}")
+    return tensors, meta
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Rebuild a model from its checkpoint; anything else is a one-line CheckpointError."""
     path = Path(path)
     fix = "pass a .safetensors checkpoint written by mnistlab (runs/<study>/checkpoints/)"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; {fix}")
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); {fix}") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path}: not an mnistlab model checkpoint (no '{CHECKPOINT_FORMAT}' metadata); {fix}"
-        )
+    tensors, meta = read_safetensors(path, CHECKPOINT_FORMAT, "model checkpoint", fix)
     try:
         config = run_config_from_dict(json.loads(meta["config"]), where=str(path))
         raw = json.loads(meta["inputs"])
