@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mnistlab.data import idx
 from mnistlab.data.dataset import Dataset
+
+if not torch.cuda.is_available():  # before anything imports Triton: its kernels then run on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -32,6 +32,7 @@ import ctypes
 import hashlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -47,13 +48,14 @@ from torch import Tensor
 from mnistlab.config import RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.errors import CheckpointError, MnistlabError
+from mnistlab.graphs import GraphedStep
 from mnistlab.model import Checkpoint, InputSpec, read_safetensors, unstack_model
 from mnistlab.runs import atomic_path
 from mnistlab.stack import Stack, cross_entropy, derived_seed
 
 STATE_FORMAT = "mnistlab-train-state/1"
 EVAL_CHUNK = 4096  # validation/test rows per float32 loss sum (fixes the summation order)
-EVAL_BLOCK = 1024  # rows per forward pass: large GEMMs whose intermediates stay in cache
+EVAL_BLOCK = 1024  # rows per CPU forward pass: large GEMMs whose intermediates stay in cache
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,12 @@ def evaluate(stack: Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[floa
     wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
     loss = torch.zeros(stack.n, dtype=wide, device=x.device)
     correct = torch.zeros(stack.n, dtype=torch.int64, device=x.device)
+    block = EVAL_BLOCK if x.device.type == "cpu" else EVAL_CHUNK  # a GPU wants few, big launches
     for a in range(0, len(x), EVAL_CHUNK):
         picked = []  # log p(label) per model and row, for one chunk's loss sum
         stop = min(a + EVAL_CHUNK, len(x))
-        for b in range(a, stop, EVAL_BLOCK):
-            xb, yb = x[b : min(b + EVAL_BLOCK, stop)], y[b : min(b + EVAL_BLOCK, stop)]
+        for b in range(a, stop, block):
+            xb, yb = x[b : min(b + block, stop)], y[b : min(b + block, stop)]
             logits, _ = stack.forward(xb.expand(stack.n, -1, -1))
             logp = torch.log_softmax(logits, -1)
             picked.append(logp.gather(-1, yb.expand(stack.n, -1).unsqueeze(-1)))
@@ -188,6 +191,10 @@ class _Training:
         self.diverged_at = torch.zeros(len(members), dtype=torch.int64, device=device)
         self.perms: Tensor | None = None
         self.last_loss = zeros.clone()
+        self.run_step = self._step
+        if device.type == "cuda" and os.environ.get("MNISTLAB_CUDA_GRAPHS", "1") != "0":
+            stack = self.stack
+            self.run_step = GraphedStep(self._step, [] if stack.fused else stack.generators)
         self.step, self.since, self.seconds = 0, 0, 0.0
         self.rows: list[dict] = []
         self.fingerprint = json.loads(json.dumps({
@@ -202,13 +209,16 @@ class _Training:
         labels = torch.as_tensor(part.labels)
         return spec.prepare(part.images).to(self.device), labels.to(self.device)
 
-    def batch(self) -> tuple[Tensor, Tensor]:
-        """Inputs (N, B, D) and labels (N, B) of the current step: each model its seed's batch."""
+    def batch_index(self) -> Tensor:
+        """Row indices (seeds, B) of the current step: one permutation per seed and epoch."""
         i = self.step % self.steps_per_epoch
         if i == 0:
             perms = [torch.randperm(len(self.x), generator=g) for g in self.order_rngs]
             self.perms = torch.stack(perms).to(self.device)
-        index = self.perms[:, i * self.schedule.batch_size : (i + 1) * self.schedule.batch_size]
+        return self.perms[:, i * self.schedule.batch_size : (i + 1) * self.schedule.batch_size]
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs (N, B, D) and labels (N, B) for `index`: each model its seed's batch."""
         x = self.x.index_select(0, index.flatten()).view(*index.shape, -1)  # faster than x[index]
         y = self.y[index]
         if len(self.seeds) == 1:
@@ -216,19 +226,25 @@ class _Training:
         return x[self.group], y[self.group]
 
     def train_step(self) -> None:
-        x, y = self.batch()
+        index = self.batch_index()
+        self.step += 1
+        self.since += 1
+        self.run_step(index)
+
+    def _step(self, index: Tensor) -> None:
+        """A step's device work: no host reads and state changed only in place (graphable)."""
+        x, y = self.gather(index)
         logits, hidden = self.stack.forward(x, train=True)
         loss, accuracy, dlogits = cross_entropy(logits, y)
-        self.step += 1
         bad = ~torch.isfinite(loss)
-        self.diverged_at = torch.where(bad & (self.frozen == 0), self.step, self.diverged_at)
-        self.frozen = torch.maximum(self.frozen, bad.to(self.frozen.dtype))
+        step = (self.stack.adam_step + 1).to(self.diverged_at.dtype)  # this step's number
+        self.diverged_at.copy_(torch.where(bad & (self.frozen == 0), step, self.diverged_at))
+        torch.maximum(self.frozen, bad.to(self.frozen.dtype), out=self.frozen)
         self.stack.backward(dlogits, hidden)
         self.stack.adam(self.frozen)
         self.loss_sum += loss
         self.acc_sum += accuracy
-        self.since += 1
-        self.last_loss = loss
+        self.last_loss.copy_(loss)
 
     def record(self) -> list[dict]:
         val_loss, val_acc = evaluate(self.stack, *self.val)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mnistlab import kernels
 from mnistlab.config import RunConfig, to_dict
 from mnistlab.model import build_mlp, stack_models
 
@@ -106,10 +107,15 @@ class Stack:
         self.drop_p, self.keep_scale = p, 1.0 / (1.0 - p)
         any_dropout = any(c.dropout > 0 for c in configs)
         self.dropout_layers = set(i - 1 for i in arch.dropout_after) if any_dropout else set()
-        self.generators = [
-            torch.Generator(device=device).manual_seed(dropout_seed(c, s))
-            for c, s in zip(configs, seeds, strict=True)
-        ]
+        seeds_ = [dropout_seed(c, s) for c, s in zip(configs, seeds, strict=True)]
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds_]
+        # On CUDA, one Triton launch each for Adam and dropout instead of one per model.
+        self.fused = kernels.usable(device)
+        if self.fused:
+            self.hyper = torch.tensor([[c.lr, *c.betas, c.eps, c.weight_decay] for c in configs],
+                                      device=device)
+            self.span = torch.tensor(self.adam_span, dtype=torch.int32, device=device)
+            self.dropout_seeds = torch.tensor(seeds_, dtype=torch.int64, device=device)
 
     @classmethod
     def initial(
@@ -126,13 +132,30 @@ class Stack:
 
     # --- forward / backward -------------------------------------------------------------------
 
-    def _masks(self, batch: int, width: int) -> Tensor:
-        """Inverted-dropout scales from each model's own generator (ones where p = 0)."""
-        u = torch.ones(self.n, batch, width, device=self.device)
+    def _dropout(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """(a · mask, mask): inverted-dropout scales drawn per model (ones where p = 0)."""
+        if self.fused:
+            return kernels.dropout(a, self.dropout_seeds, self.drop_p.view(-1), self.adam_step)
+        mask = torch.ones_like(a)
         for k, gen in enumerate(self.generators):
             if self.configs[k].dropout > 0:
-                u[k].uniform_(generator=gen)
-        return u.ge_(self.drop_p).mul_(self.keep_scale)  # in place: 1.0/0.0, then the scale
+                mask[k].uniform_(generator=gen)
+        mask.ge_(self.drop_p).mul_(self.keep_scale)  # in place: 1.0/0.0, then the scale
+        return a * mask, mask
+
+    def _unnormed_where_off(self, normed: Tensor, plain: Tensor) -> Tensor:
+        """`normed`, with the rows of models without LayerNorm taken from `plain`.
+
+        Copying [a, b) row ranges is cheapest on a CPU; on a GPU each copy is a launch, so one
+        `where` does them all. Either way a selection: the same bits.
+        """
+        if self.ln_mask is None:
+            return normed
+        if self.device.type != "cpu":
+            return torch.where(self.ln_mask, normed, plain)
+        for a, b in self.no_ln_runs:
+            normed[a:b] = plain[a:b]
+        return normed
 
     def forward(self, x: Tensor, train: bool = False) -> tuple[Tensor, list[_Hidden]]:
         """Logits (N, B, classes) for input (N, B, in); with `train`, dropout and the cache."""
@@ -143,17 +166,15 @@ class Stack:
             else:
                 z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
             a = _ACT[self.act](z)
-            dropout = train and i in self.dropout_layers
-            mask = self._masks(a.shape[1], a.shape[2]) if dropout else None
-            layer = _Hidden(h, z, a, mask, a if mask is None else a * mask)
-            h = layer.u
+            u, mask = self._dropout(a) if train and i in self.dropout_layers else (a, None)
+            layer = _Hidden(h, z, a, mask, u)
+            h = u
             if self.layernorm:
                 layer.xhat, layer.mean, layer.rstd = torch.native_layer_norm(
-                    layer.u, [h.shape[-1]], None, None, LN_EPS
+                    u, [h.shape[-1]], None, None, LN_EPS
                 )
                 h = torch.addcmul(p[f"norm{i}.bias"], layer.xhat, p[f"norm{i}.weight"])
-                for a, b in self.no_ln_runs:
-                    h[a:b] = layer.u[a:b]
+                h = self._unnormed_where_off(h, u)
             hidden.append(layer)
         logits = torch.baddbmm(p[f"linear{self.depth}.bias"], h, p[f"linear{self.depth}.weight"])
         hidden.append(_Hidden(h, logits, logits, None, logits))
@@ -203,9 +224,7 @@ class Stack:
         # masked_fill, not a product: exact zeros even where a diverged model's d is NaN
         g[f"norm{i}.weight"].masked_fill_(~self.ln_mask, 0.0)
         g[f"norm{i}.bias"].masked_fill_(~self.ln_mask, 0.0)
-        for a, b in self.no_ln_runs:
-            d_in[a:b] = d[a:b]
-        return d_in
+        return self._unnormed_where_off(d_in, d)
 
     # --- optimiser ----------------------------------------------------------------------------
 
@@ -216,6 +235,9 @@ class Stack:
         without LayerNorm, which weight decay would otherwise move.
         """
         self.adam_step += 1
+        if self.fused:
+            kernels.adam_(self.flat, self.hyper, self.span, frozen, self.adam_step)
+            return
         for k, c in enumerate(self.configs):
             span = self.adam_span[k]
             torch._fused_adam_(

@@ -1,0 +1,80 @@
+"""The CUDA path: graph replay, Triton kernels, determinism and resume on a GPU.
+
+Skipped where there is no CUDA device (CI); run on a lent GPU by benchmarks/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mnistlab import kernels
+from mnistlab.config import PRESETS, Schedule
+from mnistlab.data.dataset import Splits
+from mnistlab.engine import Member, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+STUDY = [Member(c, s) for s in (0, 1) for c in PRESETS.values()]  # 10 models, LayerNorm mixed
+SCHEDULE = Schedule(epochs=2, record_every=4, log_every=100)
+
+
+@pytest.fixture
+def splits(make_dataset) -> Splits:
+    """1,300 training images: 10 full batches and a partial one per epoch (not graphed)."""
+    return Splits(make_dataset(1300, seed=1), make_dataset(300, seed=2), make_dataset(200, seed=3))
+
+
+def assert_same(a, b) -> None:
+    assert a.rows == b.rows and a.test == b.test and a.diverged == b.diverged
+    for key, value in a.weights.items():
+        assert torch.equal(value, b.weights[key]), key
+
+
+@pytest.mark.parametrize("triton", ["1", "0"], ids=["triton-kernels", "torch-ops"])
+def test_graph_replay_equals_eager_steps(splits, monkeypatch, triton):
+    """Bit for bit; with torch ops the dropout generators are registered with the graph."""
+    if triton == "1" and kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setenv("MNISTLAB_TRITON", triton)
+    monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "0")
+    eager = train(splits, STUDY, SCHEDULE, device="cuda")
+    monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "1")
+    graphed = train(splits, STUDY, SCHEDULE, device="cuda")
+    assert_same(graphed, eager)
+    assert_same(train(splits, STUDY, SCHEDULE, device="cuda"), graphed)  # deterministic
+
+
+def test_member_of_a_stack_equals_it_trained_alone_on_cuda(splits):
+    stacked = train(splits, STUDY, SCHEDULE, device="cuda")
+    for k in (0, 2, 9):  # no LayerNorm, LayerNorm + dropout, another seed
+        alone = train(splits, [STUDY[k]], SCHEDULE, device="cuda")
+        key = (STUDY[k].config.name, STUDY[k].seed)
+        assert [r for r in stacked.rows if (r["run"], r["seed"]) == key] == alone.rows
+        for name, value in alone.weights.items():
+            assert torch.equal(stacked.weights[name][k], value[0]), name
+
+
+def test_resume_after_ctrl_c_equals_one_run_on_cuda(splits, tmp_path):
+    state = tmp_path / "state.safetensors"
+    whole = train(splits, STUDY, SCHEDULE, device="cuda")
+
+    def interrupt(event):
+        if event.step == 16:  # mid-epoch 2 (11 steps per epoch)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(splits, STUDY, SCHEDULE, device="cuda", state_path=state, on_record=interrupt)
+    resumed = train(splits, STUDY, SCHEDULE, device="cuda", state_path=state, resume=True)
+    assert_same(resumed, whole)
+
+
+def test_diverged_member_is_frozen_on_cuda(splits):
+    big = Member(replace(PRESETS["lr1e-3-p0.2"], name="big", lr=1e20), 0)
+    members = [big, *STUDY[:3]]
+    result = train(splits, members, SCHEDULE, device="cuda")
+    alone = train(splits, STUDY[:3], SCHEDULE, device="cuda")
+    assert result.diverged[0] is not None and result.diverged[1:] == [None] * 3
+    assert [r for r in result.rows if r["run"] != "big"] == alone.rows
