@@ -18,6 +18,7 @@ timeout 110 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cu
 echo "pytest exit $?"; tail -25 "$out/pytest.log"
 timeout 200 python3 benchmarks/bench_gpu.py --data "$data" --json "$out/bench_gpu.json" 2>&1 \
     | tee "$out/bench.log"
+timeout 90 python3 benchmarks/profile_gpu.py --data "$data" 2>&1 | tee "$out/profile.log"
 # The whole command a user runs: training, statistics, plots, report.
 start=$(date +%s%N)
 timeout 100 python3 -c "import sys; from mnistlab.cli import main; sys.argv[0] = 'mnistlab'; main()" \

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_kernels import assert_mostly_close, assert_rows_agree
 
 from mnistlab import kernels
 from mnistlab.config import PRESETS, Schedule
@@ -47,14 +48,17 @@ def test_graph_replay_equals_eager_steps(splits, monkeypatch, triton):
     assert_same(train(splits, STUDY, SCHEDULE, device="cuda"), graphed)  # deterministic
 
 
-def test_member_of_a_stack_equals_it_trained_alone_on_cuda(splits):
+def test_member_of_a_stack_agrees_with_it_trained_alone_on_cuda(splits):
+    """To float32 rounding, not bit for bit: cuBLAS and PyTorch's reductions choose their
+    kernels by shape, so a batch of 10 models rounds differently from a batch of one (seen on
+    an H200: a validation loss 2e-7 apart after 12 steps)."""
     stacked = train(splits, STUDY, SCHEDULE, device="cuda")
     for k in (0, 2, 9):  # no LayerNorm, LayerNorm + dropout, another seed
         alone = train(splits, [STUDY[k]], SCHEDULE, device="cuda")
         key = (STUDY[k].config.name, STUDY[k].seed)
-        assert [r for r in stacked.rows if (r["run"], r["seed"]) == key] == alone.rows
+        assert_rows_agree([r for r in stacked.rows if (r["run"], r["seed"]) == key], alone.rows)
         for name, value in alone.weights.items():
-            assert torch.equal(stacked.weights[name][k], value[0]), name
+            assert_mostly_close(stacked.weights[name][k], value[0], 10 * STUDY[k].config.lr)
 
 
 def test_resume_after_ctrl_c_equals_one_run_on_cuda(splits, tmp_path):
@@ -77,4 +81,4 @@ def test_diverged_member_is_frozen_on_cuda(splits):
     result = train(splits, members, SCHEDULE, device="cuda")
     alone = train(splits, STUDY[:3], SCHEDULE, device="cuda")
     assert result.diverged[0] is not None and result.diverged[1:] == [None] * 3
-    assert [r for r in result.rows if r["run"] != "big"] == alone.rows
+    assert_rows_agree([r for r in result.rows if r["run"] != "big"], alone.rows)

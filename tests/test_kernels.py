@@ -10,11 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 from test_engine import LN, MIXED_LAYERNORM, reference_run
+from torch import Tensor
 
 from mnistlab import kernels
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, train
+from mnistlab.stack import Stack, cross_entropy
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +88,86 @@ def splits(make_dataset) -> Splits:
     return Splits(make_dataset(1280, seed=1), make_dataset(300, seed=2), make_dataset(200, seed=3))
 
 
+def test_loss_kernel_matches_cross_entropy_and_keeps_the_books():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 70, 10, generator=gen) * 3
+    logits[2, 5] = float("nan")  # model 2 diverges at this step
+    labels = torch.randint(0, 10, (3, 70), generator=gen)
+    books = {k: torch.zeros(3) for k in ("loss_sum", "acc_sum", "last_loss", "frozen")}
+    books["diverged_at"] = torch.tensor([0, 0, 0])
+    books["loss_sum"] += 1.0
+    books["frozen"][1] = 1.0  # frozen before: not marked again
+    on = {k: v.to(DEVICE) for k, v in books.items()}
+    grad = kernels.cross_entropy_step(logits.to(DEVICE), labels.to(DEVICE), on,
+                                      torch.tensor(6.0, device=DEVICE))
+    loss, accuracy, expected = cross_entropy(logits, labels)
+    torch.testing.assert_close(grad[:2].cpu(), expected[:2], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(on["last_loss"][:2].cpu(), loss[:2])
+    torch.testing.assert_close(on["loss_sum"][:2].cpu(), loss[:2] + 1)
+    torch.testing.assert_close(on["acc_sum"].cpu(), accuracy)
+    assert on["diverged_at"].tolist() == [0, 0, 7]
+    assert on["frozen"].tolist() == [0.0, 1.0, 1.0]
+    shared = kernels.cross_entropy_step(logits.to(DEVICE), labels[0].to(DEVICE).expand(3, -1),
+                                        {k: torch.zeros_like(v) for k, v in on.items()},
+                                        torch.tensor(6.0, device=DEVICE))
+    expected = cross_entropy(logits, labels[0].expand(3, -1).contiguous())[2]
+    torch.testing.assert_close(shared[:2].cpu(), expected[:2], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layernorm", [(True, False, True), (True, True, True), (False,) * 3],
+                         ids=["mixed-layernorm", "all-layernorm", "no-layernorm"])
+def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
+    """Forward (ReLU, dropout, LayerNorm) and backward of the fused path against the PyTorch
+    path fed the same dropout masks; the masks are the dropout kernel's."""
+    monkeypatch.setattr(kernels, "usable", lambda device: True)
+    configs = [RunConfig(name=f"m{k}", layernorm=layernorm[k], dropout=p, dropout_after=(1, 2),
+                         hidden=(40, 30)) for k, p in enumerate((0.3, 0.0, 0.5))]
+    stack = Stack.initial(configs, [0, 1, 2], 784, 10, DEVICE)
+    for key in [key for key in stack.params if key.startswith("norm")]:
+        stack.params[key].add_(torch.randn_like(stack.params[key]) * 0.1)
+    x, y = torch.rand(3, 50, 784, device=DEVICE), torch.randint(0, 10, (3, 50), device=DEVICE)
+    logits, hidden = stack.forward(x, train=True)
+    stack.backward(cross_entropy(logits, y)[2], hidden)
+    fused = {k: v.clone() for k, v in stack.grads.items()}
+    masks = iter([layer.mask for layer in hidden[:-1] if layer.mask is not None])
+    relu = torch.relu(hidden[0].z)  # layer 0's activation: the dropout kernel draws masks alike
+    drawn = kernels.dropout(relu, stack.dropout_seeds, stack.drop_p.view(-1), stack.adam_step)[1]
+    assert torch.equal(drawn, hidden[0].mask)
+    stack.fused = False
+    monkeypatch.setattr(stack, "_dropout", lambda a: (lambda m: (a * m, m))(next(masks)))
+    expected, hidden = stack.forward(x, train=True)
+    torch.testing.assert_close(logits, expected, atol=2e-6, rtol=1e-5)
+    stack.backward(cross_entropy(expected, y)[2], hidden)
+    for key, value in stack.grads.items():
+        torch.testing.assert_close(fused[key], value, atol=2e-7, rtol=1e-5, msg=key)
+        if key.startswith("norm"):  # exact zeros for models without LayerNorm
+            assert all(torch.all(fused[key][k] == 0) != layernorm[k] for k in range(3)), key
+
+
+def assert_rows_agree(a: list[dict], b: list[dict]) -> None:
+    """Bit for bit on the CPU; to float32 rounding on CUDA (see test_cuda)."""
+    if DEVICE.type == "cpu":
+        assert a == b
+        return
+    assert [{**r, "loss": 0, "accuracy": 0} for r in a] == [{**r, "loss": 0, "accuracy": 0}
+                                                            for r in b]
+    for key in ("loss", "accuracy"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in a]),
+                                   torch.tensor([r[key] for r in b]), atol=0.005, rtol=1e-3)
+
+
+def assert_mostly_close(ours: Tensor, ref: Tensor, max_move: float) -> None:
+    """All but a few coordinates within float32 tolerance, and none beyond `max_move`.
+
+    Adam divides by sqrt(v) + eps: where v is below eps² any rounding difference flips the
+    step's sign, so a handful of coordinates legitimately differ by up to lr per step; a wrong
+    update rule moves most of them.
+    """
+    close = torch.isclose(ours, ref, atol=1e-5, rtol=1e-4)
+    assert close.float().mean().item() > 0.999
+    assert (ours - ref).abs().max().item() <= max_move
+
+
 @pytest.fixture
 def fused(monkeypatch):
     """The stack takes its CUDA path (the Triton kernels) on this device."""
@@ -100,14 +182,16 @@ def test_fused_stack_member_equals_it_trained_alone(splits, fused):
     for k, member in enumerate(members):
         alone = train(splits, [member], schedule, device=str(DEVICE))
         key = (member.config.name, member.seed)
-        assert [r for r in stacked.rows if (r["run"], r["seed"]) == key] == alone.rows
+        assert_rows_agree([r for r in stacked.rows if (r["run"], r["seed"]) == key], alone.rows)
         for name, value in alone.weights.items():
-            assert torch.equal(stacked.weights[name][k], value[0]), name
+            if DEVICE.type == "cpu":
+                assert torch.equal(stacked.weights[name][k], value[0]), name
+            else:
+                assert_mostly_close(stacked.weights[name][k], value[0], 10 * member.config.lr)
 
 
 def test_fused_stack_matches_sequential_and_torch_adam(make_dataset, fused):
-    """Five steps: Adam amplifies any rounding difference on coordinates whose second moment
-    is below eps², so later steps compare chaos, not the update rule (seen here from step 8)."""
+    """Five steps against the reference (on the CPU), compared as `assert_mostly_close` says."""
     splits = Splits(make_dataset(640, seed=1), make_dataset(300, seed=2), make_dataset(20, seed=3))
     configs = [RunConfig(name="a", lr=1e-3), replace(LN, name="b", dropout=0.0, weight_decay=0.01)]
     result = train(splits, [Member(c, 0) for c in configs], Schedule(epochs=1), device=str(DEVICE))
@@ -115,7 +199,7 @@ def test_fused_stack_matches_sequential_and_torch_adam(make_dataset, fused):
         model, _ = reference_run(splits, config, seed=0, steps=5)
         ours = result.checkpoint(k).model.state_dict()
         for key, value in model.state_dict().items():
-            torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-4, msg=key)
+            assert_mostly_close(ours[key], value, max_move=4 * 5 * config.lr)
 
 
 def test_fused_stack_freezes_a_diverged_member(splits, fused):
@@ -125,5 +209,5 @@ def test_fused_stack_freezes_a_diverged_member(splits, fused):
     result = train(splits, [big, ok], schedule, device=str(DEVICE))
     alone = train(splits, [ok], schedule, device=str(DEVICE))
     assert result.diverged[0] is not None and result.diverged[1] is None
-    assert [r for r in result.rows if r["run"] == ok.config.name] == alone.rows
+    assert_rows_agree([r for r in result.rows if r["run"] == ok.config.name], alone.rows)
     assert all(torch.isfinite(v[0]).all() for v in result.weights.values())

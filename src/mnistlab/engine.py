@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mnistlab import kernels
 from mnistlab.config import RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.errors import CheckpointError, MnistlabError
@@ -235,16 +236,26 @@ class _Training:
         """A step's device work: no host reads and state changed only in place (graphable)."""
         x, y = self.gather(index)
         logits, hidden = self.stack.forward(x, train=True)
+        if self.stack.fused:
+            books = {name: getattr(self, name) for name in
+                     ("loss_sum", "acc_sum", "last_loss", "frozen", "diverged_at")}
+            dlogits = kernels.cross_entropy_step(logits, y, books, self.stack.adam_step)
+        else:
+            dlogits = self._loss_and_books(logits, y)
+        self.stack.backward(dlogits, hidden)
+        self.stack.adam(self.frozen)
+
+    def _loss_and_books(self, logits: Tensor, y: Tensor) -> Tensor:
+        """d loss/d logits; the step's loss and accuracy summed, divergence marked and frozen."""
         loss, accuracy, dlogits = cross_entropy(logits, y)
         bad = ~torch.isfinite(loss)
         step = (self.stack.adam_step + 1).to(self.diverged_at.dtype)  # this step's number
         self.diverged_at.copy_(torch.where(bad & (self.frozen == 0), step, self.diverged_at))
         torch.maximum(self.frozen, bad.to(self.frozen.dtype), out=self.frozen)
-        self.stack.backward(dlogits, hidden)
-        self.stack.adam(self.frozen)
         self.loss_sum += loss
         self.acc_sum += accuracy
         self.last_loss.copy_(loss)
+        return dlogits
 
     def record(self) -> list[dict]:
         val_loss, val_acc = evaluate(self.stack, *self.val)

@@ -91,6 +91,117 @@ if triton is not None:
         tl.store(scale + at, s, mask=inside)
         tl.store(out + at, tl.load(a + at, mask=inside) * s, mask=inside)
 
+    @triton.jit
+    def _hidden_forward_kernel(z, out, scale, xhat, rstd, weight, bias, param_stride, layernorm,
+                               seeds, p, step, width, eps, BATCH: tl.constexpr,
+                               HAS_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                               ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        k = tl.program_id(0)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_W)
+        row_ok, col_ok = rows < BATCH, cols < width
+        ok = row_ok[:, None] & col_ok[None, :]
+        within = rows[:, None] * width + cols[None, :]  # the dropout kernel's offsets
+        at = k.to(tl.int64) * BATCH * width + within
+        v = tl.load(z + at, mask=ok, other=0.0)
+        v = tl.where(v < 0, 0.0, v)  # ReLU that keeps NaN, so divergence still shows
+        if HAS_DROPOUT:
+            drop = tl.load(p + k)
+            key = tl.load(seeds + k) + tl.load(step).to(tl.int64) * STEP_KEY
+            s = tl.where(tl.rand(key, within) >= drop, tl.div_rn(1.0, 1.0 - drop), 0.0)
+            tl.store(scale + at, s, mask=ok)
+            v = v * s
+        if HAS_NORM:
+            mean = tl.sum(tl.where(ok, v, 0.0), 1) / width
+            centred = tl.where(ok, v - mean[:, None], 0.0)
+            rs = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(centred * centred, 1) / width + eps))
+            xh = centred * rs[:, None]
+            tl.store(xhat + at, xh, mask=ok)
+            tl.store(rstd + k * BATCH + rows, rs, mask=row_ok)
+            w = tl.load(weight + k * param_stride + cols, mask=col_ok, other=0.0)
+            b = tl.load(bias + k * param_stride + cols, mask=col_ok, other=0.0)
+            v = tl.where(tl.load(layernorm + k) != 0, xh * w[None, :] + b[None, :], v)
+        tl.store(out + at, v, mask=ok)
+
+    @triton.jit
+    def _loss_kernel(logits, labels, label_stride, grad, loss_sum, acc_sum, last_loss, frozen,
+                     diverged_at, step, classes, BATCH: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+        batch = BATCH
+        k = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < classes
+        base = k.to(tl.int64) * batch * classes
+        total = tl.sum(tl.zeros([ROWS], tl.float32), 0)
+        correct = tl.sum(tl.zeros([ROWS], tl.float32), 0)
+        for start in range(0, BATCH, ROWS):  # BATCH constexpr: the interpreter needs it
+            rows = start + tl.arange(0, ROWS)
+            row_ok = rows < batch
+            ok = row_ok[:, None] & col_ok[None, :]
+            at = base + rows[:, None] * classes + cols[None, :]
+            x = tl.load(logits + at, mask=ok, other=-float("inf"))
+            x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, ignored below
+            y = tl.load(labels + k * label_stride + rows, mask=row_ok, other=0)
+            top = tl.max(x, 1)
+            e = tl.exp(x - top[:, None])
+            norm = tl.sum(e, 1)
+            logp = x - (top + tl.log(norm))[:, None]
+            hit = cols[None, :] == y[:, None]
+            picked = tl.sum(tl.where(hit & ok, logp, 0.0), 1)
+            total += tl.sum(tl.where(row_ok, -picked, 0.0), 0)
+            guess = tl.argmax(x, 1, tie_break_left=True)
+            correct += tl.sum(tl.where(row_ok & (guess == y), 1.0, 0.0), 0)
+            g = (e / norm[:, None] - tl.where(hit, 1.0, 0.0)) / batch
+            tl.store(grad + at, g, mask=ok)
+        loss = total / batch
+        bad = (loss != loss) | (tl.abs(loss) == float("inf"))
+        was_frozen = tl.load(frozen + k)
+        if bad & (was_frozen == 0):
+            tl.store(diverged_at + k, tl.load(step).to(tl.int64) + 1)
+        tl.store(frozen + k, tl.maximum(was_frozen, tl.where(bad, 1.0, 0.0)))
+        tl.store(loss_sum + k, tl.load(loss_sum + k) + loss)
+        tl.store(acc_sum + k, tl.load(acc_sum + k) + correct / batch)
+        tl.store(last_loss + k, loss)
+
+    @triton.jit
+    def _hidden_backward_kernel(d, xhat, rstd, weight, weight_stride, layernorm, scale, act,
+                                out, grad_w, grad_b, grad_stride, width, BATCH: tl.constexpr,
+                                HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        batch = BATCH
+        k = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_W)
+        col_ok = cols < width
+        base = k.to(tl.int64) * batch * width
+        sum_dx = tl.zeros([BLOCK_W], tl.float32)
+        sum_d = tl.zeros([BLOCK_W], tl.float32)
+        if HAS_NORM:
+            normed = tl.load(layernorm + k) != 0
+            w = tl.load(weight + k * weight_stride + cols, mask=col_ok, other=0.0)
+        for start in range(0, BATCH, ROWS):  # BATCH constexpr: the interpreter needs it
+            rows = start + tl.arange(0, ROWS)
+            row_ok = rows < batch
+            ok = row_ok[:, None] & col_ok[None, :]
+            at = base + rows[:, None] * width + cols[None, :]
+            g = tl.load(d + at, mask=ok, other=0.0)
+            if HAS_NORM:
+                xh = tl.load(xhat + at, mask=ok, other=0.0)
+                rs = tl.load(rstd + k * batch + rows, mask=row_ok, other=0.0)
+                sum_dx += tl.sum(g * xh, 0)
+                sum_d += tl.sum(g, 0)
+                gw = g * w[None, :]
+                mean_g = tl.sum(gw, 1) / width
+                mean_gx = tl.sum(gw * xh, 1) / width
+                through = rs[:, None] * (gw - mean_g[:, None] - xh * mean_gx[:, None])
+                g = tl.where(normed, through, g)
+            if HAS_SCALE:
+                g = g * tl.load(scale + at, mask=ok, other=0.0)
+            g = tl.where(tl.load(act + at, mask=ok, other=0.0) > 0, g, 0.0)
+            tl.store(out + at, g, mask=ok)
+        if HAS_NORM:
+            tl.store(grad_w + k * grad_stride + cols, tl.where(normed, sum_dx, 0.0), mask=col_ok)
+            tl.store(grad_b + k * grad_stride + cols, tl.where(normed, sum_d, 0.0), mask=col_ok)
+
 
 def adam_(flat: dict[str, Tensor], hyper: Tensor, span: Tensor, frozen: Tensor,
           step: Tensor) -> None:
@@ -120,3 +231,71 @@ def dropout(a: Tensor, seeds: Tensor, p: Tensor, step: Tensor) -> tuple[Tensor, 
     grid = (n, triton.cdiv(row_size, BLOCK))
     _dropout_kernel[grid](a, out, scale, seeds, p, step, row_size, BLOCK=BLOCK)
     return out, scale
+
+
+def cross_entropy_step(logits: Tensor, labels: Tensor, sums: dict[str, Tensor], step: Tensor
+                       ) -> Tensor:
+    """d(sum of per-model mean losses)/d logits for logits (N, B, C), plus the step's books.
+
+    In one launch per step, what the engine otherwise does in twenty: per model the batch's
+    mean cross-entropy and accuracy are added to `sums["loss_sum"]`/`["acc_sum"]` and kept in
+    `["last_loss"]`; a model whose loss is NaN/inf gets `["frozen"]` = 1 and, the first time,
+    `["diverged_at"]` = this step (`step` holds the steps completed before it).
+    """
+    n, batch, classes = logits.shape
+    grad = torch.empty_like(logits)
+    _loss_kernel[(n,)](logits.contiguous(), labels, labels.stride(0), grad, sums["loss_sum"],
+                       sums["acc_sum"], sums["last_loss"], sums["frozen"], sums["diverged_at"],
+                       step, classes, BATCH=batch, ROWS=32,
+                       BLOCK_C=triton.next_power_of_2(classes))
+    return grad
+
+
+def hidden_backward(d: Tensor, xhat: Tensor | None, rstd: Tensor | None,
+                    norm_weight: Tensor | None, layernorm: Tensor | None, scale: Tensor | None,
+                    activation: Tensor, norm_grads: tuple[Tensor, Tensor] | None) -> Tensor:
+    """d through a ReLU hidden layer's LayerNorm (where on), dropout scale and ReLU, in one launch.
+
+    `d` (N, B, W) is the gradient at the layer's output; returns the gradient at its
+    pre-activation. With LayerNorm, `xhat`/`rstd` are its forward statistics, `layernorm` (N,)
+    says which models have it, and the column sums (weight, bias gradients) go to
+    `norm_grads` (views (N, 1, W) of the flat gradient rows; zero for models without it).
+    """
+    n, batch, width = d.shape
+    out = torch.empty_like(d)
+    has_norm = norm_grads is not None
+    grad_w, grad_b = norm_grads if has_norm else (out, out)
+    _hidden_backward_kernel[(n,)](
+        d.contiguous(), xhat if has_norm else d, rstd if has_norm else d,
+        norm_weight if has_norm else d, norm_weight.stride(0) if has_norm else 0,
+        layernorm if has_norm else d, scale if scale is not None else d, activation, out,
+        grad_w, grad_b, grad_w.stride(0), width, BATCH=batch, HAS_NORM=has_norm,
+        HAS_SCALE=scale is not None, ROWS=8, BLOCK_W=triton.next_power_of_2(width),
+    )
+    return out
+
+
+def hidden_forward(z: Tensor, norm: tuple[Tensor, Tensor, Tensor] | None,
+                   dropout: tuple[Tensor, Tensor, Tensor] | None, eps: float
+                   ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """A ReLU hidden layer after its matrix product, in one launch: (out, scale, xhat, rstd).
+
+    z (N, B, W) is the pre-activation. `dropout` = (seeds, p, step) as for `dropout` (same
+    masks); `norm` = (weight, bias, on): LayerNorm parameter views (N, 1, W) and which models
+    have it; the others pass their activation through. xhat/rstd feed `hidden_backward`.
+    """
+    n, batch, width = z.shape
+    out = torch.empty_like(z)
+    scale = torch.empty_like(z) if dropout is not None else None
+    xhat = torch.empty_like(z) if norm is not None else None
+    rstd = z.new_empty(n, batch, 1) if norm is not None else None
+    weight, bias, on = norm if norm is not None else (z, z, z)
+    seeds, p, step = dropout if dropout is not None else (z, z, z)
+    rows = 16
+    _hidden_forward_kernel[(n, triton.cdiv(batch, rows))](
+        z.contiguous(), out, scale if scale is not None else z, xhat if xhat is not None else z,
+        rstd if rstd is not None else z, weight, bias, weight.stride(0) if norm else 0, on,
+        seeds, p, step, width, eps, BATCH=batch, HAS_NORM=norm is not None,
+        HAS_DROPOUT=dropout is not None, ROWS=rows, BLOCK_W=triton.next_power_of_2(width),
+    )
+    return out, scale, xhat, rstd

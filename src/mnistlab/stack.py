@@ -116,6 +116,7 @@ class Stack:
                                       device=device)
             self.span = torch.tensor(self.adam_span, dtype=torch.int32, device=device)
             self.dropout_seeds = torch.tensor(seeds_, dtype=torch.int64, device=device)
+            self.layernorm_on = torch.tensor(has_ln, dtype=torch.int32, device=device)
 
     @classmethod
     def initial(
@@ -165,6 +166,11 @@ class Stack:
                 z = self._wide_first_layer(x[0])
             else:
                 z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
+            if train and self.fused and self.act == "relu":
+                layer = self._fused_hidden_forward(h, z, i)
+                hidden.append(layer)
+                h = layer.u
+                continue
             a = _ACT[self.act](z)
             u, mask = self._dropout(a) if train and i in self.dropout_layers else (a, None)
             layer = _Hidden(h, z, a, mask, u)
@@ -190,11 +196,38 @@ class Stack:
                 return
             d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
             layer = hidden[i - 1]
+            if self.fused and self.act == "relu":
+                d = self._fused_hidden_backward(d, layer, i - 1)
+                continue
             if self.layernorm:
                 d = self._layernorm_backward(d, layer, i - 1)
             if layer.mask is not None:
                 d = d.mul_(layer.mask)  # d is this pass's own temporary
             d = _ACT_BACKWARD[self.act](d, layer.z, layer.a)
+
+    def _fused_hidden_forward(self, x: Tensor, z: Tensor, i: int) -> _Hidden:
+        """ReLU, dropout and LayerNorm of hidden layer i in one Triton launch.
+
+        The cache holds z as the activation (ReLU's gradient gate z > 0 is the same as a > 0)
+        and the layer's output as `u`; the fused backward needs no more.
+        """
+        norm = dropout = None
+        if self.layernorm:
+            norm = (self.params[f"norm{i}.weight"], self.params[f"norm{i}.bias"],
+                    self.layernorm_on)
+        if i in self.dropout_layers:
+            dropout = (self.dropout_seeds, self.drop_p.view(-1), self.adam_step)
+        out, scale, xhat, rstd = kernels.hidden_forward(z, norm, dropout, LN_EPS)
+        return _Hidden(x, z, z, scale, out, xhat, None, rstd)
+
+    def _fused_hidden_backward(self, d: Tensor, layer: _Hidden, i: int) -> Tensor:
+        """LayerNorm, dropout and ReLU backward of hidden layer i in one Triton launch."""
+        weight, grads = None, None
+        if self.layernorm:
+            weight = self.params[f"norm{i}.weight"]
+            grads = self.grads[f"norm{i}.weight"], self.grads[f"norm{i}.bias"]
+        return kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
+                                       layer.mask, layer.a, grads)
 
     def _wide_first_layer(self, x: Tensor) -> Tensor:
         """Layer 0's pre-activation (N, B, H) for an input (B, in) that every model shares.
