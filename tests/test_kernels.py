@@ -133,7 +133,9 @@ def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
     relu = torch.relu(hidden[0].z)  # layer 0's activation: the dropout kernel draws masks alike
     drawn = kernels.dropout(relu, stack.dropout_seeds, stack.drop_p.view(-1), stack.adam_step)[1]
     assert torch.equal(drawn, hidden[0].mask)
+    evaluated = stack.forward(x)[0]  # evaluation: no dropout, no statistics kept
     stack.fused = False
+    torch.testing.assert_close(evaluated, stack.forward(x)[0], atol=2e-6, rtol=1e-5)
     monkeypatch.setattr(stack, "_dropout", lambda a: (lambda m: (a * m, m))(next(masks)))
     expected, hidden = stack.forward(x, train=True)
     torch.testing.assert_close(logits, expected, atol=2e-6, rtol=1e-5)

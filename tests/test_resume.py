@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
@@ -127,3 +128,25 @@ def test_resume_never_unpickles(splits, tmp_path, monkeypatch):
         monkeypatch.setattr(module, name, refuse)
     assert_same(train(splits, MEMBERS, Schedule(epochs=2), device="cpu", state_path=state,
                       resume=True), whole)
+
+
+def test_full_disk_during_a_background_save_stops_training_with_one_error(splits, tmp_path,
+                                                                          monkeypatch):
+    """Epoch-end states are written on a thread; its failure still reaches the caller."""
+    state = tmp_path / "state.safetensors"
+    real_replace = os.replace
+    saves = []
+
+    def full_on_second_save(src, dst):
+        saves.append(dst)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_on_second_save)
+    with pytest.raises(MnistlabError, match=r"disk full while writing"):
+        train(splits, MEMBERS, SCHEDULE, device="cpu", state_path=state)
+    assert len(saves) == 2  # it stopped at the next save (or the end), not later
+    monkeypatch.setattr(os, "replace", real_replace)
+    resumed = train(splits, MEMBERS, SCHEDULE, device="cpu", state_path=state, resume=True)
+    assert_same(resumed, train(splits, MEMBERS, SCHEDULE, device="cpu"))

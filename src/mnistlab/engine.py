@@ -220,11 +220,13 @@ class _Training:
 
     def gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """Inputs (N, B, D) and labels (N, B) for `index`: each model its seed's batch."""
+        if len(self.seeds) > 1:
+            index = index[self.group]  # each model its seed's rows
         x = self.x.index_select(0, index.flatten()).view(*index.shape, -1)  # faster than x[index]
         y = self.y[index]
         if len(self.seeds) == 1:
             return x.expand(len(self.members), -1, -1), y.expand(len(self.members), -1)
-        return x[self.group], y[self.group]
+        return x, y
 
     def train_step(self) -> None:
         index = self.batch_index()
@@ -292,6 +294,10 @@ class _Training:
     # --- resume state -------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
+        write_state(path, *self.snapshot())
+
+    def snapshot(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The state as CPU copies and metadata: training may go on while they are written."""
         tensors = {
             **self.stack.state(),
             **{f"order_rng.{j}": g.get_state() for j, g in enumerate(self.order_rngs)},
@@ -303,9 +309,7 @@ class _Training:
                     "rows": self.rows}
         meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint),
                 "progress": json.dumps(progress)}
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata=meta)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, meta
 
     def load(self, path: Path) -> None:
         fix = "pass the state file of this run, or start a new run without resuming"
@@ -337,6 +341,44 @@ class _Training:
             getattr(self, name).copy_(tensors[name])
         if "perms" in tensors:
             self.perms = tensors["perms"].to(self.device)
+
+
+def write_state(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+class _StateWriter:
+    """Writes epoch-end resume states on a background thread, one at a time and in order.
+
+    Why: writing and syncing a state file takes tens of milliseconds, as long as dozens of GPU
+    steps. The copy to host memory is taken before training goes on; a failed write (a full
+    disk) is raised at the next save or at the end. Each file is still written atomically.
+    """
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                write_state(path, tensors, meta)
+            except BaseException as exc:  # handed to the training thread by wait()
+                self.error = exc
+
+        self.thread = threading.Thread(target=write, name="mnistlab-state", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def _check_members(members: Sequence[Member]) -> None:
@@ -402,6 +444,7 @@ def train(
     if resume and state_path is not None and Path(state_path).is_file():
         run.load(Path(state_path))
     start = time.perf_counter() - run.seconds
+    writer = _StateWriter()
     with torch.no_grad(), _deferred_interrupt() as interrupted:
         try:
             while run.step < run.total:
@@ -418,12 +461,14 @@ def train(
                 if state_path is not None and run.step % run.steps_per_epoch == 0:
                     _sync(dev)
                     run.seconds = time.perf_counter() - start
-                    run.save(Path(state_path))
+                    writer.submit(Path(state_path), *run.snapshot())
         except KeyboardInterrupt:
+            writer.wait()
             if state_path is not None:
                 run.seconds = time.perf_counter() - start
                 run.save(Path(state_path))
             raise
+        writer.wait()
         _sync(dev)
         run.seconds = time.perf_counter() - start
         test_x, test_y = run._on_device(splits.test, spec)

@@ -94,7 +94,8 @@ if triton is not None:
     @triton.jit
     def _hidden_forward_kernel(z, out, scale, xhat, rstd, weight, bias, param_stride, layernorm,
                                seeds, p, step, width, eps, BATCH: tl.constexpr,
-                               HAS_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                               HAS_NORM: tl.constexpr, STATS: tl.constexpr,
+                               HAS_DROPOUT: tl.constexpr,
                                ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
         k = tl.program_id(0)
         rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
@@ -116,8 +117,9 @@ if triton is not None:
             centred = tl.where(ok, v - mean[:, None], 0.0)
             rs = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(centred * centred, 1) / width + eps))
             xh = centred * rs[:, None]
-            tl.store(xhat + at, xh, mask=ok)
-            tl.store(rstd + k * BATCH + rows, rs, mask=row_ok)
+            if STATS:
+                tl.store(xhat + at, xh, mask=ok)
+                tl.store(rstd + k * BATCH + rows, rs, mask=row_ok)
             w = tl.load(weight + k * param_stride + cols, mask=col_ok, other=0.0)
             b = tl.load(bias + k * param_stride + cols, mask=col_ok, other=0.0)
             v = tl.where(tl.load(layernorm + k) != 0, xh * w[None, :] + b[None, :], v)
@@ -165,42 +167,56 @@ if triton is not None:
 
     @triton.jit
     def _hidden_backward_kernel(d, xhat, rstd, weight, weight_stride, layernorm, scale, act,
-                                out, grad_w, grad_b, grad_stride, width, BATCH: tl.constexpr,
+                                out, partial, width, BATCH: tl.constexpr,
                                 HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
                                 ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        batch = BATCH
-        k = tl.program_id(0)
+        # One program per model and block of rows; the column sums of its rows go to
+        # `partial` (N, blocks, 3, W), summed in a fixed order by _column_sums_kernel.
+        k, block = tl.program_id(0), tl.program_id(1)
+        rows = block * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_W)
-        col_ok = cols < width
-        base = k.to(tl.int64) * batch * width
-        sum_dx = tl.zeros([BLOCK_W], tl.float32)
-        sum_d = tl.zeros([BLOCK_W], tl.float32)
+        row_ok, col_ok = rows < BATCH, cols < width
+        ok = row_ok[:, None] & col_ok[None, :]
+        at = k.to(tl.int64) * BATCH * width + rows[:, None] * width + cols[None, :]
+        sums = partial + (k * tl.num_programs(1) + block) * 3 * width + cols
+        g = tl.load(d + at, mask=ok, other=0.0)
         if HAS_NORM:
             normed = tl.load(layernorm + k) != 0
             w = tl.load(weight + k * weight_stride + cols, mask=col_ok, other=0.0)
-        for start in range(0, BATCH, ROWS):  # BATCH constexpr: the interpreter needs it
-            rows = start + tl.arange(0, ROWS)
-            row_ok = rows < batch
-            ok = row_ok[:, None] & col_ok[None, :]
-            at = base + rows[:, None] * width + cols[None, :]
-            g = tl.load(d + at, mask=ok, other=0.0)
-            if HAS_NORM:
-                xh = tl.load(xhat + at, mask=ok, other=0.0)
-                rs = tl.load(rstd + k * batch + rows, mask=row_ok, other=0.0)
-                sum_dx += tl.sum(g * xh, 0)
-                sum_d += tl.sum(g, 0)
-                gw = g * w[None, :]
-                mean_g = tl.sum(gw, 1) / width
-                mean_gx = tl.sum(gw * xh, 1) / width
-                through = rs[:, None] * (gw - mean_g[:, None] - xh * mean_gx[:, None])
-                g = tl.where(normed, through, g)
-            if HAS_SCALE:
-                g = g * tl.load(scale + at, mask=ok, other=0.0)
-            g = tl.where(tl.load(act + at, mask=ok, other=0.0) > 0, g, 0.0)
-            tl.store(out + at, g, mask=ok)
-        if HAS_NORM:
-            tl.store(grad_w + k * grad_stride + cols, tl.where(normed, sum_dx, 0.0), mask=col_ok)
-            tl.store(grad_b + k * grad_stride + cols, tl.where(normed, sum_d, 0.0), mask=col_ok)
+            xh = tl.load(xhat + at, mask=ok, other=0.0)
+            rs = tl.load(rstd + k * BATCH + rows, mask=row_ok, other=0.0)
+            tl.store(sums, tl.sum(g * xh, 0), mask=col_ok)
+            tl.store(sums + width, tl.sum(g, 0), mask=col_ok)
+            gw = g * w[None, :]
+            mean_g = tl.sum(gw, 1) / width
+            mean_gx = tl.sum(gw * xh, 1) / width
+            through = rs[:, None] * (gw - mean_g[:, None] - xh * mean_gx[:, None])
+            g = tl.where(normed, through, g)
+        if HAS_SCALE:
+            g = g * tl.load(scale + at, mask=ok, other=0.0)
+        g = tl.where(tl.load(act + at, mask=ok, other=0.0) > 0, g, 0.0)
+        tl.store(out + at, g, mask=ok)
+        tl.store(sums + 2 * width, tl.sum(g, 0), mask=col_ok)
+
+    @triton.jit
+    def _column_sums_kernel(partial, width, layernorm, grad_w, grad_b, grad_stride, bias,
+                            bias_stride, BLOCKS: tl.constexpr, HAS_NORM: tl.constexpr,
+                            BLOCK_W: tl.constexpr):
+        k, kind = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, BLOCK_W)
+        col_ok = cols < width
+        total = tl.zeros([BLOCK_W], tl.float32)
+        for block in range(BLOCKS):
+            at = partial + ((k * BLOCKS + block) * 3 + kind) * width + cols
+            total += tl.load(at, mask=col_ok, other=0.0)
+        if kind == 2:
+            tl.store(bias + k * bias_stride + cols, total, mask=col_ok)
+        if HAS_NORM:  # exact zeros for models without LayerNorm, as on the CPU path
+            total = tl.where(tl.load(layernorm + k) != 0, total, 0.0)
+            if kind == 0:
+                tl.store(grad_w + k * grad_stride + cols, total, mask=col_ok)
+            if kind == 1:
+                tl.store(grad_b + k * grad_stride + cols, total, mask=col_ok)
 
 
 def adam_(flat: dict[str, Tensor], hyper: Tensor, span: Tensor, frozen: Tensor,
@@ -253,49 +269,63 @@ def cross_entropy_step(logits: Tensor, labels: Tensor, sums: dict[str, Tensor], 
 
 def hidden_backward(d: Tensor, xhat: Tensor | None, rstd: Tensor | None,
                     norm_weight: Tensor | None, layernorm: Tensor | None, scale: Tensor | None,
-                    activation: Tensor, norm_grads: tuple[Tensor, Tensor] | None) -> Tensor:
-    """d through a ReLU hidden layer's LayerNorm (where on), dropout scale and ReLU, in one launch.
+                    activation: Tensor, norm_grads: tuple[Tensor, Tensor] | None,
+                    bias_grad: Tensor) -> Tensor:
+    """d through a ReLU hidden layer's LayerNorm (where on), dropout scale and ReLU.
 
     `d` (N, B, W) is the gradient at the layer's output; returns the gradient at its
-    pre-activation. With LayerNorm, `xhat`/`rstd` are its forward statistics, `layernorm` (N,)
-    says which models have it, and the column sums (weight, bias gradients) go to
-    `norm_grads` (views (N, 1, W) of the flat gradient rows; zero for models without it).
+    pre-activation, whose column sums (the layer's bias gradient) go to `bias_grad`. With
+    LayerNorm, `xhat`/`rstd` are its forward statistics, `layernorm` (N,) says which models
+    have it, and its weight/bias gradients go to `norm_grads` (zero for models without it).
+    Gradient targets are (N, 1, W) views of the flat gradient rows. Two launches; the column
+    sums are added in a fixed order, so the results are deterministic.
     """
     n, batch, width = d.shape
+    rows = 16
+    blocks = triton.cdiv(batch, rows)
     out = torch.empty_like(d)
+    partial = d.new_empty(n, blocks, 3, width)  # every slot that is read gets written
     has_norm = norm_grads is not None
-    grad_w, grad_b = norm_grads if has_norm else (out, out)
-    _hidden_backward_kernel[(n,)](
+    grad_w, grad_b = norm_grads if has_norm else (bias_grad, bias_grad)
+    block_w = triton.next_power_of_2(width)
+    _hidden_backward_kernel[(n, blocks)](
         d.contiguous(), xhat if has_norm else d, rstd if has_norm else d,
         norm_weight if has_norm else d, norm_weight.stride(0) if has_norm else 0,
         layernorm if has_norm else d, scale if scale is not None else d, activation, out,
-        grad_w, grad_b, grad_w.stride(0), width, BATCH=batch, HAS_NORM=has_norm,
-        HAS_SCALE=scale is not None, ROWS=8, BLOCK_W=triton.next_power_of_2(width),
+        partial, width, BATCH=batch, HAS_NORM=has_norm, HAS_SCALE=scale is not None,
+        ROWS=rows, BLOCK_W=block_w,
+    )
+    _column_sums_kernel[(n, 3)](
+        partial, width, layernorm if has_norm else d, grad_w, grad_b, grad_w.stride(0),
+        bias_grad, bias_grad.stride(0), BLOCKS=blocks, HAS_NORM=has_norm, BLOCK_W=block_w,
     )
     return out
 
 
 def hidden_forward(z: Tensor, norm: tuple[Tensor, Tensor, Tensor] | None,
-                   dropout: tuple[Tensor, Tensor, Tensor] | None, eps: float
+                   dropout: tuple[Tensor, Tensor, Tensor] | None, eps: float,
+                   keep_stats: bool = True,
                    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """A ReLU hidden layer after its matrix product, in one launch: (out, scale, xhat, rstd).
 
     z (N, B, W) is the pre-activation. `dropout` = (seeds, p, step) as for `dropout` (same
     masks); `norm` = (weight, bias, on): LayerNorm parameter views (N, 1, W) and which models
-    have it; the others pass their activation through. xhat/rstd feed `hidden_backward`.
+    have it; the others pass their activation through. xhat/rstd feed `hidden_backward`
+    (None without `keep_stats`: evaluation needs only the output).
     """
     n, batch, width = z.shape
+    stats = keep_stats and norm is not None
     out = torch.empty_like(z)
     scale = torch.empty_like(z) if dropout is not None else None
-    xhat = torch.empty_like(z) if norm is not None else None
-    rstd = z.new_empty(n, batch, 1) if norm is not None else None
+    xhat = torch.empty_like(z) if stats else None
+    rstd = z.new_empty(n, batch, 1) if stats else None
     weight, bias, on = norm if norm is not None else (z, z, z)
     seeds, p, step = dropout if dropout is not None else (z, z, z)
     rows = 16
     _hidden_forward_kernel[(n, triton.cdiv(batch, rows))](
         z.contiguous(), out, scale if scale is not None else z, xhat if xhat is not None else z,
         rstd if rstd is not None else z, weight, bias, weight.stride(0) if norm else 0, on,
-        seeds, p, step, width, eps, BATCH=batch, HAS_NORM=norm is not None,
+        seeds, p, step, width, eps, BATCH=batch, HAS_NORM=norm is not None, STATS=stats,
         HAS_DROPOUT=dropout is not None, ROWS=rows, BLOCK_W=triton.next_power_of_2(width),
     )
     return out, scale, xhat, rstd

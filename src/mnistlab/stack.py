@@ -166,8 +166,8 @@ class Stack:
                 z = self._wide_first_layer(x[0])
             else:
                 z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
-            if train and self.fused and self.act == "relu":
-                layer = self._fused_hidden_forward(h, z, i)
+            if self.fused and self.act == "relu":
+                layer = self._fused_hidden_forward(h, z, i, train)
                 hidden.append(layer)
                 h = layer.u
                 continue
@@ -188,6 +188,8 @@ class Stack:
 
     def backward(self, dlogits: Tensor, hidden: list[_Hidden]) -> None:
         """Gradients of the summed per-model losses into `self.grads`, given d loss / d logits."""
+        if self.fused and self.act == "relu":
+            return self._fused_backward(dlogits, hidden)
         p, g, d = self.params, self.grads, dlogits
         for i in range(self.depth, -1, -1):
             torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
@@ -196,17 +198,14 @@ class Stack:
                 return
             d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
             layer = hidden[i - 1]
-            if self.fused and self.act == "relu":
-                d = self._fused_hidden_backward(d, layer, i - 1)
-                continue
             if self.layernorm:
                 d = self._layernorm_backward(d, layer, i - 1)
             if layer.mask is not None:
                 d = d.mul_(layer.mask)  # d is this pass's own temporary
             d = _ACT_BACKWARD[self.act](d, layer.z, layer.a)
 
-    def _fused_hidden_forward(self, x: Tensor, z: Tensor, i: int) -> _Hidden:
-        """ReLU, dropout and LayerNorm of hidden layer i in one Triton launch.
+    def _fused_hidden_forward(self, x: Tensor, z: Tensor, i: int, train: bool) -> _Hidden:
+        """ReLU, dropout (training) and LayerNorm of hidden layer i in one Triton launch.
 
         The cache holds z as the activation (ReLU's gradient gate z > 0 is the same as a > 0)
         and the layer's output as `u`; the fused backward needs no more.
@@ -215,19 +214,26 @@ class Stack:
         if self.layernorm:
             norm = (self.params[f"norm{i}.weight"], self.params[f"norm{i}.bias"],
                     self.layernorm_on)
-        if i in self.dropout_layers:
+        if train and i in self.dropout_layers:
             dropout = (self.dropout_seeds, self.drop_p.view(-1), self.adam_step)
-        out, scale, xhat, rstd = kernels.hidden_forward(z, norm, dropout, LN_EPS)
+        out, scale, xhat, rstd = kernels.hidden_forward(z, norm, dropout, LN_EPS, train)
         return _Hidden(x, z, z, scale, out, xhat, None, rstd)
 
-    def _fused_hidden_backward(self, d: Tensor, layer: _Hidden, i: int) -> Tensor:
-        """LayerNorm, dropout and ReLU backward of hidden layer i in one Triton launch."""
-        weight, grads = None, None
-        if self.layernorm:
-            weight = self.params[f"norm{i}.weight"]
-            grads = self.grads[f"norm{i}.weight"], self.grads[f"norm{i}.bias"]
-        return kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
-                                       layer.mask, layer.a, grads)
+    def _fused_backward(self, dlogits: Tensor, hidden: list[_Hidden]) -> None:
+        """`backward` with each hidden layer's LayerNorm, dropout, ReLU and bias sums fused."""
+        p, g, d, top = self.params, self.grads, dlogits, self.depth
+        torch.sum(d, 1, keepdim=True, out=g[f"linear{top}.bias"])
+        for i in range(top, -1, -1):
+            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
+            if i == 0:
+                return
+            d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
+            layer, weight, grads = hidden[i - 1], None, None
+            if self.layernorm:
+                weight = self.params[f"norm{i - 1}.weight"]
+                grads = g[f"norm{i - 1}.weight"], g[f"norm{i - 1}.bias"]
+            d = kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
+                                        layer.mask, layer.a, grads, g[f"linear{i - 1}.bias"])
 
     def _wide_first_layer(self, x: Tensor) -> Tensor:
         """Layer 0's pre-activation (N, B, H) for an input (B, in) that every model shares.
