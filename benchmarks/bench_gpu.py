@@ -110,8 +110,10 @@ def main() -> None:
     attempt("engine study N=15, graphs + Triton (median)", study_runs)
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state.safetensors"
-        attempt("engine study N=15, graphs + Triton, with epoch-end resume states",
-                lambda: engine_run(splits, study, schedule, True, True, state).seconds)
+        attempt("engine study N=15, graphs + Triton, with epoch-end resume states (median)",
+                lambda: statistics.median(
+                    engine_run(splits, study, schedule, True, True, state).seconds
+                    for _ in range(args.repeats)))
     for graphs, triton, name in ((True, False, "graphs, torch ops"), (False, True, "eager, Triton"),
                                  (False, False, "eager, torch ops")):
         attempt(f"engine study N=15, {name}",

@@ -298,8 +298,7 @@ class _Training:
 
     def snapshot(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The state as CPU copies and metadata: training may go on while they are written."""
-        tensors = {
-            **self.stack.state(),
+        books = {
             **{f"order_rng.{j}": g.get_state() for j, g in enumerate(self.order_rngs)},
             "frozen": self.frozen, "diverged_at": self.diverged_at,
             "loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
@@ -309,7 +308,8 @@ class _Training:
                     "rows": self.rows}
         meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint),
                 "progress": json.dumps(progress)}
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, meta
+        books = {k: v.detach().to("cpu", copy=True) for k, v in books.items()}
+        return {**self.stack.state(host_copy=True), **books}, meta
 
     def load(self, path: Path) -> None:
         fix = "pass the state file of this run, or start a new run without resuming"
@@ -345,7 +345,7 @@ class _Training:
 
 def write_state(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 class _StateWriter:

@@ -94,12 +94,9 @@ class Stack:
         self.adam_span = [size if ln else no_norm for ln in has_ln]
         self.flat = {kind: torch.zeros(self.n, size, device=device) for kind in (*_KINDS, "grad")}
 
-        def views(flat: Tensor) -> dict[str, Tensor]:
-            return {key: flat[:, o : o + weights[key][0].numel()].view(weights[key].shape)
-                    for key, o in offsets.items()}
-
-        self.named = {kind: views(self.flat[kind]) for kind in _KINDS}
-        self.params, self.grads = self.named["param"], views(self.flat["grad"])
+        self.layout = {key: (o, weights[key].shape) for key, o in offsets.items()}
+        self.named = {kind: self._views(self.flat[kind]) for kind in _KINDS}
+        self.params, self.grads = self.named["param"], self._views(self.flat["grad"])
         for key, v in weights.items():
             self.params[key].copy_(v)
         self.adam_step = torch.zeros((), device=device)
@@ -289,9 +286,21 @@ class Stack:
 
     # --- state --------------------------------------------------------------------------------
 
-    def state(self) -> dict[str, Tensor]:
-        """Weights, Adam moments and dropout generator states, as named tensors."""
-        out = {f"{kind}.{key}": v for kind, named in self.named.items() for key, v in named.items()}
+    def _views(self, flat: Tensor) -> dict[str, Tensor]:
+        """The named tensors inside a flat (N, P) tensor."""
+        return {key: flat[:, o : o + shape[1:].numel()].view(shape)
+                for key, (o, shape) in self.layout.items()}
+
+    def state(self, host_copy: bool = False) -> dict[str, Tensor]:
+        """Weights, Adam moments and dropout generator states, as named tensors.
+
+        With `host_copy`: views into one CPU copy per flat tensor (one transfer each, not one
+        per name), which later changes to the stack do not touch.
+        """
+        named = self.named
+        if host_copy:
+            named = {kind: self._views(self.flat[kind].to("cpu", copy=True)) for kind in _KINDS}
+        out = {f"{kind}.{key}": v for kind, views in named.items() for key, v in views.items()}
         out.update({f"dropout_rng.{k}": g.get_state() for k, g in enumerate(self.generators)})
         return out
 
