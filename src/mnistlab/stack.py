@@ -100,6 +100,9 @@ class Stack:
         for key, v in weights.items():
             self.params[key].copy_(v)
         self.adam_step = torch.zeros((), device=device)
+        # Each model's Adam operands, sliced once: per-step slicing is dispatcher time on a CPU.
+        self.adam_rows = [[[self.flat[kind][k, :span]] for kind in ("param", "grad", *_KINDS[1:])]
+                          for k, span in enumerate(self.adam_span)]
         p = torch.tensor([c.dropout for c in configs], device=device).view(-1, 1, 1)
         self.drop_p, self.keep_scale = p, 1.0 / (1.0 - p)
         any_dropout = any(c.dropout > 0 for c in configs)
@@ -275,11 +278,8 @@ class Stack:
             kernels.adam_(self.flat, self.hyper, self.span, frozen, self.adam_step)
             return
         for k, c in enumerate(self.configs):
-            span = self.adam_span[k]
             torch._fused_adam_(
-                *([self.flat[kind][k, :span]]
-                  for kind in ("param", "grad", "exp_avg", "exp_avg_sq")),
-                [], [self.adam_step], lr=c.lr, beta1=c.betas[0],
+                *self.adam_rows[k], [], [self.adam_step], lr=c.lr, beta1=c.betas[0],
                 beta2=c.betas[1], weight_decay=c.weight_decay, eps=c.eps, amsgrad=False,
                 maximize=False, found_inf=frozen[k],
             )
