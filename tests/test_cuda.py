@@ -5,13 +5,13 @@ Skipped where there is no CUDA device (CI); run on a lent GPU by benchmarks/gpu_
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 
 import pytest
 import torch
-from test_kernels import assert_mostly_close, assert_rows_agree
+from agreement import assert_mostly_close, assert_rows_agree
 
-from mnistlab import kernels
 from mnistlab.config import PRESETS, Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, train
@@ -37,7 +37,7 @@ def assert_same(a, b) -> None:
 @pytest.mark.parametrize("triton", ["1", "0"], ids=["triton-kernels", "torch-ops"])
 def test_graph_replay_equals_eager_steps(splits, monkeypatch, triton):
     """Bit for bit; with torch ops the dropout generators are registered with the graph."""
-    if triton == "1" and kernels.triton is None:
+    if triton == "1" and importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
     monkeypatch.setenv("MNISTLAB_TRITON", triton)
     monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "0")

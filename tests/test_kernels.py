@@ -9,17 +9,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_engine import LN, MIXED_LAYERNORM, reference_run
-from torch import Tensor
+from agreement import DEVICE, assert_mostly_close, assert_rows_agree
+from test_engine import GELU, LN, MIXED_LAYERNORM, reference_run
 
-from mnistlab import kernels
+from mnistlab import stack as stack_module
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, train
 from mnistlab.stack import Stack, cross_entropy
 
-pytestmark = pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+kernels = pytest.importorskip("mnistlab.kernels", reason="Triton is not installed")
 
 
 def test_adam_matches_torch_fused_adam_row_by_row():
@@ -119,7 +118,7 @@ def test_loss_kernel_matches_cross_entropy_and_keeps_the_books():
 def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
     """Forward (ReLU, dropout, LayerNorm) and backward of the fused path against the PyTorch
     path fed the same dropout masks; the masks are the dropout kernel's."""
-    monkeypatch.setattr(kernels, "usable", lambda device: True)
+    monkeypatch.setattr(stack_module, "fused_kernels", lambda device: kernels)
     configs = [RunConfig(name=f"m{k}", layernorm=layernorm[k], dropout=p, dropout_after=(1, 2),
                          hidden=(40, 30)) for k, p in enumerate((0.3, 0.0, 0.5))]
     stack = Stack.initial(configs, [0, 1, 2], 784, 10, DEVICE)
@@ -146,40 +145,18 @@ def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
             assert all(torch.all(fused[key][k] == 0) != layernorm[k] for k in range(3)), key
 
 
-def assert_rows_agree(a: list[dict], b: list[dict]) -> None:
-    """Bit for bit on the CPU; to float32 rounding on CUDA (see test_cuda)."""
-    if DEVICE.type == "cpu":
-        assert a == b
-        return
-    assert [{**r, "loss": 0, "accuracy": 0} for r in a] == [{**r, "loss": 0, "accuracy": 0}
-                                                            for r in b]
-    for key in ("loss", "accuracy"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in a]),
-                                   torch.tensor([r[key] for r in b]), atol=0.005, rtol=1e-3)
-
-
-def assert_mostly_close(ours: Tensor, ref: Tensor, max_move: float) -> None:
-    """All but a few coordinates within float32 tolerance, and none beyond `max_move`.
-
-    Adam divides by sqrt(v) + eps: where v is below eps² any rounding difference flips the
-    step's sign, so a handful of coordinates legitimately differ by up to lr per step; a wrong
-    update rule moves most of them.
-    """
-    close = torch.isclose(ours, ref, atol=1e-5, rtol=1e-4)
-    assert close.float().mean().item() > 0.999
-    assert (ours - ref).abs().max().item() <= max_move
-
-
 @pytest.fixture
 def fused(monkeypatch):
     """The stack takes its CUDA path (the Triton kernels) on this device."""
-    monkeypatch.setattr(kernels, "usable", lambda device: True)
+    monkeypatch.setattr(stack_module, "fused_kernels", lambda device: kernels)
 
 
-def test_fused_stack_member_equals_it_trained_alone(splits, fused):
-    """Bit for bit, with dropout, mixed seeds and LayerNorm on/off per member."""
+@pytest.mark.parametrize("members", [MIXED_LAYERNORM[:3], GELU[:3]], ids=["relu", "gelu"])
+def test_fused_stack_member_equals_it_trained_alone(splits, fused, members):
+    """Bit for bit (CPU), with dropout, mixed seeds and LayerNorm on/off per member; GELU takes
+    the fused Adam, dropout and loss kernels with PyTorch's layer ops."""
     schedule = Schedule(epochs=1, record_every=4)
-    members = [small(m) for m in MIXED_LAYERNORM[:3]]
+    members = [small(m) for m in members]
     stacked = train(splits, members, schedule, device=str(DEVICE))
     for k, member in enumerate(members):
         alone = train(splits, [member], schedule, device=str(DEVICE))

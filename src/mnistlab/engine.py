@@ -45,7 +45,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mnistlab import kernels
 from mnistlab.config import RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.errors import CheckpointError, MnistlabError
@@ -241,7 +240,8 @@ class _Training:
         if self.stack.fused:
             books = {name: getattr(self, name) for name in
                      ("loss_sum", "acc_sum", "last_loss", "frozen", "diverged_at")}
-            dlogits = kernels.cross_entropy_step(logits, y, books, self.stack.adam_step)
+            dlogits = self.stack.kernels.cross_entropy_step(logits, y, books,
+                                                            self.stack.adam_step)
         else:
             dlogits = self._loss_and_books(logits, y)
         self.stack.backward(dlogits, hidden)

@@ -1,222 +1,220 @@
-"""Two fused Triton kernels for a stack on CUDA: Adam for all N models, and dropout masks.
+"""Fused Triton kernels for a stack on CUDA: a step in ~20 launches instead of ~100.
 
-Why: on a GPU this model's step is a hundred tiny kernels, and their count, not their
-arithmetic, sets the time. PyTorch's own fused Adam takes one learning rate and one skip flag
-per call, so N models with their own hyperparameters and divergence flags cost N launches; its
-dropout draws from one generator per call, so per-model streams cost N more. Here each is one
-launch for the whole stack, and a CUDA graph (mnistlab.graphs) replays them with the rest.
+Why: on a GPU this model's step is many tiny kernels, and their count, not their arithmetic,
+sets the time. PyTorch's fused Adam takes one learning rate and one skip flag per call, so N
+models with their own hyperparameters and divergence flags cost N launches; its dropout draws
+from one generator per call, so per-model streams cost N more; LayerNorm, ReLU and the loss's
+bookkeeping are a dozen elementwise launches each. Here each is one launch for the whole stack,
+and a CUDA graph (mnistlab.graphs) replays them with the matrix products.
 
 - `adam_`: torch.optim.Adam's update (L2 weight decay, bias correction) on the flat (N, P)
   parameter rows, each row with its own lr, betas, eps, weight decay, span (how much of the row
-  it steps) and frozen flag. The arithmetic follows PyTorch's fused CUDA kernel; it agrees with
-  it to float32 rounding, not bit for bit (its bias corrections are exp2(t·log2 β) in float64).
-- `dropout`: inverted-dropout scales from a counter-based Philox stream keyed by each model's
-  own dropout seed and the step number: a model's masks depend on nothing else (not on N, not
-  on what ran before), so they need no generator state to save, resume or capture. They differ
-  from the CPU path's generator streams: results are reproducible per device, as documented.
+  it steps) and frozen flag. It follows PyTorch's fused CUDA kernel to float32 rounding, not
+  bit for bit (its bias corrections are exp2(t·log2 β) in float64).
+- `dropout`, and the dropout inside `hidden_forward`: inverted-dropout scales from a
+  counter-based Philox stream keyed by each model's dropout seed and the step number, so a
+  model's masks depend on nothing else (not on N, not on what ran before) and need no
+  generator state to save, resume or capture. They differ from the CPU path's generator
+  streams: results are reproducible per device, as documented.
+- `hidden_forward` / `hidden_backward`: a ReLU hidden layer after its matrix product (ReLU,
+  dropout, LayerNorm for the models that have it) and its gradient, including the LayerNorm
+  and bias gradients as column sums added in a fixed order (deterministic, no atomics).
+- `cross_entropy_step`: the loss gradient, and the step's loss/accuracy sums and divergence
+  marks that the engine otherwise keeps with a dozen small operations.
 
-Without Triton (or with MNISTLAB_TRITON=0) the stack uses its PyTorch path on every device.
-Tests run both kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1); the
-product uses them on CUDA only.
+Importing this module needs Triton; mnistlab.stack imports it only for a CUDA stack, and
+without Triton (or with MNISTLAB_TRITON=0) the stack uses its PyTorch path. Tests run the
+kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the stack's PyTorch path is used
-    triton = None
-
 BLOCK = 1024
+STEP_KEY = tl.constexpr(2654435761)  # Knuth's multiplicative constant: steps → Philox keys
 
 
-def usable(device: torch.device) -> bool:
-    """Whether the stack should use these kernels on `device`."""
-    return (triton is not None and device.type == "cuda"
-            and os.environ.get("MNISTLAB_TRITON", "1") != "0")
+@triton.jit
+def _adam_kernel(param, grad, exp_avg, exp_avg_sq, hyper, span, frozen, step, row_size,
+                 BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    if tl.load(frozen + row) != 0:
+        return
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < tl.load(span + row)
+    at = row.to(tl.int64) * row_size + offsets
+    lr = tl.load(hyper + row * 5)
+    beta1 = tl.load(hyper + row * 5 + 1)
+    beta2 = tl.load(hyper + row * 5 + 2)
+    eps = tl.load(hyper + row * 5 + 3)
+    decay = tl.load(hyper + row * 5 + 4)
+    # Per-row scalars in float64, as PyTorch's kernel computes them, then float32 math.
+    t = tl.load(step).to(tl.float64)
+    correction1 = 1.0 - tl.exp2(t * tl.log2(beta1.to(tl.float64)))
+    correction2 = 1.0 - tl.exp2(t * tl.log2(beta2.to(tl.float64)))
+    step_size = (lr.to(tl.float64) / correction1).to(tl.float32)
+    correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
+    p = tl.load(param + at, mask=inside)
+    g = tl.load(grad + at, mask=inside)
+    m = tl.load(exp_avg + at, mask=inside)
+    v = tl.load(exp_avg_sq + at, mask=inside)
+    g = g + p * decay
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps  # IEEE-rounded, as PyTorch
+    p = p - tl.div_rn(step_size * m, denom)
+    tl.store(param + at, p, mask=inside)
+    tl.store(exp_avg + at, m, mask=inside)
+    tl.store(exp_avg_sq + at, v, mask=inside)
 
 
-if triton is not None:
-    STEP_KEY = tl.constexpr(2654435761)  # Knuth's multiplicative constant: steps → Philox keys
+@triton.jit
+def _dropout_kernel(a, out, scale, seeds, p, step, row_size, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < row_size
+    at = row.to(tl.int64) * row_size + offsets
+    drop = tl.load(p + row)
+    key = tl.load(seeds + row) + tl.load(step).to(tl.int64) * STEP_KEY
+    keep = tl.rand(key, offsets) >= drop
+    s = tl.where(keep, tl.div_rn(1.0, 1.0 - drop), 0.0)
+    tl.store(scale + at, s, mask=inside)
+    tl.store(out + at, tl.load(a + at, mask=inside) * s, mask=inside)
 
-    @triton.jit
-    def _adam_kernel(param, grad, exp_avg, exp_avg_sq, hyper, span, frozen, step, row_size,
-                     BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        if tl.load(frozen + row) != 0:
-            return
-        offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < tl.load(span + row)
-        at = row.to(tl.int64) * row_size + offsets
-        lr = tl.load(hyper + row * 5)
-        beta1 = tl.load(hyper + row * 5 + 1)
-        beta2 = tl.load(hyper + row * 5 + 2)
-        eps = tl.load(hyper + row * 5 + 3)
-        decay = tl.load(hyper + row * 5 + 4)
-        # Per-row scalars in float64, as PyTorch's kernel computes them, then float32 math.
-        t = tl.load(step).to(tl.float64)
-        correction1 = 1.0 - tl.exp2(t * tl.log2(beta1.to(tl.float64)))
-        correction2 = 1.0 - tl.exp2(t * tl.log2(beta2.to(tl.float64)))
-        step_size = (lr.to(tl.float64) / correction1).to(tl.float32)
-        correction2_sqrt = tl.sqrt(correction2).to(tl.float32)
-        p = tl.load(param + at, mask=inside)
-        g = tl.load(grad + at, mask=inside)
-        m = tl.load(exp_avg + at, mask=inside)
-        v = tl.load(exp_avg_sq + at, mask=inside)
-        g = g + p * decay
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps  # IEEE-rounded, as PyTorch
-        p = p - tl.div_rn(step_size * m, denom)
-        tl.store(param + at, p, mask=inside)
-        tl.store(exp_avg + at, m, mask=inside)
-        tl.store(exp_avg_sq + at, v, mask=inside)
 
-    @triton.jit
-    def _dropout_kernel(a, out, scale, seeds, p, step, row_size, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < row_size
-        at = row.to(tl.int64) * row_size + offsets
-        drop = tl.load(p + row)
-        key = tl.load(seeds + row) + tl.load(step).to(tl.int64) * STEP_KEY
-        keep = tl.rand(key, offsets) >= drop
-        s = tl.where(keep, tl.div_rn(1.0, 1.0 - drop), 0.0)
-        tl.store(scale + at, s, mask=inside)
-        tl.store(out + at, tl.load(a + at, mask=inside) * s, mask=inside)
+@triton.jit
+def _hidden_forward_kernel(z, out, scale, xhat, rstd, weight, bias, param_stride, layernorm,
+                           seeds, p, step, width, eps, BATCH: tl.constexpr,
+                           HAS_NORM: tl.constexpr, STATS: tl.constexpr,
+                           HAS_DROPOUT: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    k = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_W)
+    row_ok, col_ok = rows < BATCH, cols < width
+    ok = row_ok[:, None] & col_ok[None, :]
+    within = rows[:, None] * width + cols[None, :]  # the dropout kernel's offsets
+    at = k.to(tl.int64) * BATCH * width + within
+    v = tl.load(z + at, mask=ok, other=0.0)
+    v = tl.where(v < 0, 0.0, v)  # ReLU that keeps NaN, so divergence still shows
+    if HAS_DROPOUT:
+        drop = tl.load(p + k)
+        key = tl.load(seeds + k) + tl.load(step).to(tl.int64) * STEP_KEY
+        s = tl.where(tl.rand(key, within) >= drop, tl.div_rn(1.0, 1.0 - drop), 0.0)
+        tl.store(scale + at, s, mask=ok)
+        v = v * s
+    if HAS_NORM:
+        mean = tl.sum(tl.where(ok, v, 0.0), 1) / width
+        centred = tl.where(ok, v - mean[:, None], 0.0)
+        rs = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(centred * centred, 1) / width + eps))
+        xh = centred * rs[:, None]
+        if STATS:
+            tl.store(xhat + at, xh, mask=ok)
+            tl.store(rstd + k * BATCH + rows, rs, mask=row_ok)
+        w = tl.load(weight + k * param_stride + cols, mask=col_ok, other=0.0)
+        b = tl.load(bias + k * param_stride + cols, mask=col_ok, other=0.0)
+        v = tl.where(tl.load(layernorm + k) != 0, xh * w[None, :] + b[None, :], v)
+    tl.store(out + at, v, mask=ok)
 
-    @triton.jit
-    def _hidden_forward_kernel(z, out, scale, xhat, rstd, weight, bias, param_stride, layernorm,
-                               seeds, p, step, width, eps, BATCH: tl.constexpr,
-                               HAS_NORM: tl.constexpr, STATS: tl.constexpr,
-                               HAS_DROPOUT: tl.constexpr,
-                               ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        k = tl.program_id(0)
-        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_W)
-        row_ok, col_ok = rows < BATCH, cols < width
+
+@triton.jit
+def _loss_kernel(logits, labels, label_stride, grad, loss_sum, acc_sum, last_loss, frozen,
+                 diverged_at, step, classes, BATCH: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    batch = BATCH
+    k = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < classes
+    base = k.to(tl.int64) * batch * classes
+    total = tl.sum(tl.zeros([ROWS], tl.float32), 0)
+    correct = tl.sum(tl.zeros([ROWS], tl.float32), 0)
+    for start in range(0, BATCH, ROWS):  # BATCH constexpr: the interpreter needs it
+        rows = start + tl.arange(0, ROWS)
+        row_ok = rows < batch
         ok = row_ok[:, None] & col_ok[None, :]
-        within = rows[:, None] * width + cols[None, :]  # the dropout kernel's offsets
-        at = k.to(tl.int64) * BATCH * width + within
-        v = tl.load(z + at, mask=ok, other=0.0)
-        v = tl.where(v < 0, 0.0, v)  # ReLU that keeps NaN, so divergence still shows
-        if HAS_DROPOUT:
-            drop = tl.load(p + k)
-            key = tl.load(seeds + k) + tl.load(step).to(tl.int64) * STEP_KEY
-            s = tl.where(tl.rand(key, within) >= drop, tl.div_rn(1.0, 1.0 - drop), 0.0)
-            tl.store(scale + at, s, mask=ok)
-            v = v * s
-        if HAS_NORM:
-            mean = tl.sum(tl.where(ok, v, 0.0), 1) / width
-            centred = tl.where(ok, v - mean[:, None], 0.0)
-            rs = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(centred * centred, 1) / width + eps))
-            xh = centred * rs[:, None]
-            if STATS:
-                tl.store(xhat + at, xh, mask=ok)
-                tl.store(rstd + k * BATCH + rows, rs, mask=row_ok)
-            w = tl.load(weight + k * param_stride + cols, mask=col_ok, other=0.0)
-            b = tl.load(bias + k * param_stride + cols, mask=col_ok, other=0.0)
-            v = tl.where(tl.load(layernorm + k) != 0, xh * w[None, :] + b[None, :], v)
-        tl.store(out + at, v, mask=ok)
+        at = base + rows[:, None] * classes + cols[None, :]
+        x = tl.load(logits + at, mask=ok, other=-float("inf"))
+        x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, ignored below
+        y = tl.load(labels + k * label_stride + rows, mask=row_ok, other=0)
+        top = tl.max(x, 1)
+        e = tl.exp(x - top[:, None])
+        norm = tl.sum(e, 1)
+        logp = x - (top + tl.log(norm))[:, None]
+        hit = cols[None, :] == y[:, None]
+        picked = tl.sum(tl.where(hit & ok, logp, 0.0), 1)
+        total += tl.sum(tl.where(row_ok, -picked, 0.0), 0)
+        guess = tl.argmax(x, 1, tie_break_left=True)
+        correct += tl.sum(tl.where(row_ok & (guess == y), 1.0, 0.0), 0)
+        g = (e / norm[:, None] - tl.where(hit, 1.0, 0.0)) / batch
+        tl.store(grad + at, g, mask=ok)
+    loss = total / batch
+    bad = (loss != loss) | (tl.abs(loss) == float("inf"))
+    was_frozen = tl.load(frozen + k)
+    if bad & (was_frozen == 0):
+        tl.store(diverged_at + k, tl.load(step).to(tl.int64) + 1)
+    tl.store(frozen + k, tl.maximum(was_frozen, tl.where(bad, 1.0, 0.0)))
+    tl.store(loss_sum + k, tl.load(loss_sum + k) + loss)
+    tl.store(acc_sum + k, tl.load(acc_sum + k) + correct / batch)
+    tl.store(last_loss + k, loss)
 
-    @triton.jit
-    def _loss_kernel(logits, labels, label_stride, grad, loss_sum, acc_sum, last_loss, frozen,
-                     diverged_at, step, classes, BATCH: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-        batch = BATCH
-        k = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < classes
-        base = k.to(tl.int64) * batch * classes
-        total = tl.sum(tl.zeros([ROWS], tl.float32), 0)
-        correct = tl.sum(tl.zeros([ROWS], tl.float32), 0)
-        for start in range(0, BATCH, ROWS):  # BATCH constexpr: the interpreter needs it
-            rows = start + tl.arange(0, ROWS)
-            row_ok = rows < batch
-            ok = row_ok[:, None] & col_ok[None, :]
-            at = base + rows[:, None] * classes + cols[None, :]
-            x = tl.load(logits + at, mask=ok, other=-float("inf"))
-            x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, ignored below
-            y = tl.load(labels + k * label_stride + rows, mask=row_ok, other=0)
-            top = tl.max(x, 1)
-            e = tl.exp(x - top[:, None])
-            norm = tl.sum(e, 1)
-            logp = x - (top + tl.log(norm))[:, None]
-            hit = cols[None, :] == y[:, None]
-            picked = tl.sum(tl.where(hit & ok, logp, 0.0), 1)
-            total += tl.sum(tl.where(row_ok, -picked, 0.0), 0)
-            guess = tl.argmax(x, 1, tie_break_left=True)
-            correct += tl.sum(tl.where(row_ok & (guess == y), 1.0, 0.0), 0)
-            g = (e / norm[:, None] - tl.where(hit, 1.0, 0.0)) / batch
-            tl.store(grad + at, g, mask=ok)
-        loss = total / batch
-        bad = (loss != loss) | (tl.abs(loss) == float("inf"))
-        was_frozen = tl.load(frozen + k)
-        if bad & (was_frozen == 0):
-            tl.store(diverged_at + k, tl.load(step).to(tl.int64) + 1)
-        tl.store(frozen + k, tl.maximum(was_frozen, tl.where(bad, 1.0, 0.0)))
-        tl.store(loss_sum + k, tl.load(loss_sum + k) + loss)
-        tl.store(acc_sum + k, tl.load(acc_sum + k) + correct / batch)
-        tl.store(last_loss + k, loss)
 
-    @triton.jit
-    def _hidden_backward_kernel(d, xhat, rstd, weight, weight_stride, layernorm, scale, act,
-                                out, partial, width, BATCH: tl.constexpr,
-                                HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
-                                ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        # One program per model and block of rows; the column sums of its rows go to
-        # `partial` (N, blocks, 3, W), summed in a fixed order by _column_sums_kernel.
-        k, block = tl.program_id(0), tl.program_id(1)
-        rows = block * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_W)
-        row_ok, col_ok = rows < BATCH, cols < width
-        ok = row_ok[:, None] & col_ok[None, :]
-        at = k.to(tl.int64) * BATCH * width + rows[:, None] * width + cols[None, :]
-        sums = partial + (k * tl.num_programs(1) + block) * 3 * width + cols
-        g = tl.load(d + at, mask=ok, other=0.0)
-        if HAS_NORM:
-            normed = tl.load(layernorm + k) != 0
-            w = tl.load(weight + k * weight_stride + cols, mask=col_ok, other=0.0)
-            xh = tl.load(xhat + at, mask=ok, other=0.0)
-            rs = tl.load(rstd + k * BATCH + rows, mask=row_ok, other=0.0)
-            tl.store(sums, tl.sum(g * xh, 0), mask=col_ok)
-            tl.store(sums + width, tl.sum(g, 0), mask=col_ok)
-            gw = g * w[None, :]
-            mean_g = tl.sum(gw, 1) / width
-            mean_gx = tl.sum(gw * xh, 1) / width
-            through = rs[:, None] * (gw - mean_g[:, None] - xh * mean_gx[:, None])
-            g = tl.where(normed, through, g)
-        if HAS_SCALE:
-            g = g * tl.load(scale + at, mask=ok, other=0.0)
-        g = tl.where(tl.load(act + at, mask=ok, other=0.0) > 0, g, 0.0)
-        tl.store(out + at, g, mask=ok)
-        tl.store(sums + 2 * width, tl.sum(g, 0), mask=col_ok)
+@triton.jit
+def _hidden_backward_kernel(d, xhat, rstd, weight, weight_stride, layernorm, scale, act,
+                            out, partial, width, BATCH: tl.constexpr,
+                            HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    # One program per model and block of rows; the column sums of its rows go to
+    # `partial` (N, blocks, 3, W), summed in a fixed order by _column_sums_kernel.
+    k, block = tl.program_id(0), tl.program_id(1)
+    rows = block * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_W)
+    row_ok, col_ok = rows < BATCH, cols < width
+    ok = row_ok[:, None] & col_ok[None, :]
+    at = k.to(tl.int64) * BATCH * width + rows[:, None] * width + cols[None, :]
+    sums = partial + (k * tl.num_programs(1) + block) * 3 * width + cols
+    g = tl.load(d + at, mask=ok, other=0.0)
+    if HAS_NORM:
+        normed = tl.load(layernorm + k) != 0
+        w = tl.load(weight + k * weight_stride + cols, mask=col_ok, other=0.0)
+        xh = tl.load(xhat + at, mask=ok, other=0.0)
+        rs = tl.load(rstd + k * BATCH + rows, mask=row_ok, other=0.0)
+        tl.store(sums, tl.sum(g * xh, 0), mask=col_ok)
+        tl.store(sums + width, tl.sum(g, 0), mask=col_ok)
+        gw = g * w[None, :]
+        mean_g = tl.sum(gw, 1) / width
+        mean_gx = tl.sum(gw * xh, 1) / width
+        through = rs[:, None] * (gw - mean_g[:, None] - xh * mean_gx[:, None])
+        g = tl.where(normed, through, g)
+    if HAS_SCALE:
+        g = g * tl.load(scale + at, mask=ok, other=0.0)
+    g = tl.where(tl.load(act + at, mask=ok, other=0.0) > 0, g, 0.0)
+    tl.store(out + at, g, mask=ok)
+    tl.store(sums + 2 * width, tl.sum(g, 0), mask=col_ok)
 
-    @triton.jit
-    def _column_sums_kernel(partial, width, layernorm, grad_w, grad_b, grad_stride, bias,
-                            bias_stride, BLOCKS: tl.constexpr, HAS_NORM: tl.constexpr,
-                            BLOCK_W: tl.constexpr):
-        k, kind = tl.program_id(0), tl.program_id(1)
-        cols = tl.arange(0, BLOCK_W)
-        col_ok = cols < width
-        total = tl.zeros([BLOCK_W], tl.float32)
-        for block in range(BLOCKS):
-            at = partial + ((k * BLOCKS + block) * 3 + kind) * width + cols
-            total += tl.load(at, mask=col_ok, other=0.0)
-        if kind == 2:
-            tl.store(bias + k * bias_stride + cols, total, mask=col_ok)
-        if HAS_NORM:  # exact zeros for models without LayerNorm, as on the CPU path
-            total = tl.where(tl.load(layernorm + k) != 0, total, 0.0)
-            if kind == 0:
-                tl.store(grad_w + k * grad_stride + cols, total, mask=col_ok)
-            if kind == 1:
-                tl.store(grad_b + k * grad_stride + cols, total, mask=col_ok)
+
+@triton.jit
+def _column_sums_kernel(partial, width, layernorm, grad_w, grad_b, grad_stride, bias,
+                        bias_stride, BLOCKS: tl.constexpr, HAS_NORM: tl.constexpr,
+                        BLOCK_W: tl.constexpr):
+    k, kind = tl.program_id(0), tl.program_id(1)
+    cols = tl.arange(0, BLOCK_W)
+    col_ok = cols < width
+    total = tl.zeros([BLOCK_W], tl.float32)
+    for block in range(BLOCKS):
+        at = partial + ((k * BLOCKS + block) * 3 + kind) * width + cols
+        total += tl.load(at, mask=col_ok, other=0.0)
+    if kind == 2:
+        tl.store(bias + k * bias_stride + cols, total, mask=col_ok)
+    if HAS_NORM:  # exact zeros for models without LayerNorm, as on the CPU path
+        total = tl.where(tl.load(layernorm + k) != 0, total, 0.0)
+        if kind == 0:
+            tl.store(grad_w + k * grad_stride + cols, total, mask=col_ok)
+        if kind == 1:
+            tl.store(grad_b + k * grad_stride + cols, total, mask=col_ok)
 
 
 def adam_(flat: dict[str, Tensor], hyper: Tensor, span: Tensor, frozen: Tensor,

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from mnistlab import kernels
 from mnistlab.config import RunConfig, to_dict
 from mnistlab.model import build_mlp, stack_models
 
@@ -38,6 +39,21 @@ _ACT_BACKWARD = {
     "tanh": lambda grad, z, a: torch.ops.aten.tanh_backward(grad, a),
 }
 _ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
+
+
+def fused_kernels(device: torch.device) -> ModuleType | None:
+    """mnistlab.kernels where a stack on `device` should use them, else None.
+
+    CUDA only, and only where Triton imports (a missing or broken Triton means PyTorch ops);
+    MNISTLAB_TRITON=0 switches them off. Imported here, lazily: CPU runs never load Triton.
+    """
+    if device.type != "cuda" or os.environ.get("MNISTLAB_TRITON", "1") == "0":
+        return None
+    try:
+        from mnistlab import kernels
+    except ImportError:
+        return None
+    return kernels
 
 
 def derived_seed(*parts: object) -> int:
@@ -110,7 +126,8 @@ class Stack:
         seeds_ = [dropout_seed(c, s) for c, s in zip(configs, seeds, strict=True)]
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds_]
         # On CUDA, one Triton launch each for Adam and dropout instead of one per model.
-        self.fused = kernels.usable(device)
+        self.kernels = fused_kernels(device)
+        self.fused = self.kernels is not None
         if self.fused:
             self.hyper = torch.tensor([[c.lr, *c.betas, c.eps, c.weight_decay] for c in configs],
                                       device=device)
@@ -136,7 +153,7 @@ class Stack:
     def _dropout(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """(a · mask, mask): inverted-dropout scales drawn per model (ones where p = 0)."""
         if self.fused:
-            return kernels.dropout(a, self.dropout_seeds, self.drop_p.view(-1), self.adam_step)
+            return self.kernels.dropout(a, self.dropout_seeds, self.drop_p.view(-1), self.adam_step)
         mask = torch.ones_like(a)
         for k, gen in enumerate(self.generators):
             if self.configs[k].dropout > 0:
@@ -216,7 +233,7 @@ class Stack:
                     self.layernorm_on)
         if train and i in self.dropout_layers:
             dropout = (self.dropout_seeds, self.drop_p.view(-1), self.adam_step)
-        out, scale, xhat, rstd = kernels.hidden_forward(z, norm, dropout, LN_EPS, train)
+        out, scale, xhat, rstd = self.kernels.hidden_forward(z, norm, dropout, LN_EPS, train)
         return _Hidden(x, z, z, scale, out, xhat, None, rstd)
 
     def _fused_backward(self, dlogits: Tensor, hidden: list[_Hidden]) -> None:
@@ -232,7 +249,7 @@ class Stack:
             if self.layernorm:
                 weight = self.params[f"norm{i - 1}.weight"]
                 grads = g[f"norm{i - 1}.weight"], g[f"norm{i - 1}.bias"]
-            d = kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
+            d = self.kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
                                         layer.mask, layer.a, grads, g[f"linear{i - 1}.bias"])
 
     def _wide_first_layer(self, x: Tensor) -> Tensor:
@@ -275,7 +292,7 @@ class Stack:
         """
         self.adam_step += 1
         if self.fused:
-            kernels.adam_(self.flat, self.hyper, self.span, frozen, self.adam_step)
+            self.kernels.adam_(self.flat, self.hyper, self.span, frozen, self.adam_step)
             return
         for k, c in enumerate(self.configs):
             torch._fused_adam_(
