@@ -8,6 +8,13 @@ from torch import Tensor
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def assert_same(a, b) -> None:
+    """Two TrainResults with the same rows, test metrics, divergence and weights, bit for bit."""
+    assert a.rows == b.rows and a.test == b.test and a.diverged == b.diverged
+    for key, value in a.weights.items():
+        assert torch.equal(value, b.weights[key]), key
+
+
 def assert_rows_agree(a: list[dict], b: list[dict]) -> None:
     """Bit for bit on the CPU; to float32 rounding on CUDA (see test_cuda)."""
     if DEVICE.type == "cpu":

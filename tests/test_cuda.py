@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from agreement import assert_mostly_close, assert_rows_agree
+from agreement import assert_mostly_close, assert_rows_agree, assert_same
 
 from mnistlab.config import PRESETS, Schedule
 from mnistlab.data.dataset import Splits
@@ -26,12 +26,6 @@ SCHEDULE = Schedule(epochs=2, record_every=4, log_every=100)
 def splits(make_dataset) -> Splits:
     """1,300 training images: 10 full batches and a partial one per epoch (not graphed)."""
     return Splits(make_dataset(1300, seed=1), make_dataset(300, seed=2), make_dataset(200, seed=3))
-
-
-def assert_same(a, b) -> None:
-    assert a.rows == b.rows and a.test == b.test and a.diverged == b.diverged
-    for key, value in a.weights.items():
-        assert torch.equal(value, b.weights[key]), key
 
 
 @pytest.mark.parametrize("triton", ["1", "0"], ids=["triton-kernels", "torch-ops"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from agreement import assert_same
 from safetensors import safe_open
 
 from mnistlab.config import PRESETS, Schedule
@@ -42,12 +43,6 @@ train(splits, MEMBERS, Schedule(epochs=12, record_every=2, log_every=100), devic
 @pytest.fixture
 def splits(make_dataset) -> Splits:
     return Splits(make_dataset(600, seed=1), make_dataset(100, seed=2), make_dataset(50, seed=3))
-
-
-def assert_same(a, b) -> None:
-    assert a.rows == b.rows and a.test == b.test and a.diverged == b.diverged
-    for key, value in a.weights.items():
-        assert torch.equal(value, b.weights[key]), key
 
 
 def test_ctrl_c_mid_epoch_saves_and_resume_matches(splits, tmp_path):
