@@ -191,6 +191,10 @@ class _Training:
         self.diverged_at = torch.zeros(len(members), dtype=torch.int64, device=device)
         self.perms: Tensor | None = None
         self.last_loss = zeros.clone()
+        # The step's running sums and divergence marks, updated in place by the fused loss.
+        self.books = {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
+                      "last_loss": self.last_loss, "frozen": self.frozen,
+                      "diverged_at": self.diverged_at}
         self.run_step = self._step
         if device.type == "cuda" and os.environ.get("MNISTLAB_CUDA_GRAPHS", "1") != "0":
             stack = self.stack
@@ -238,9 +242,7 @@ class _Training:
         x, y = self.gather(index)
         logits, hidden = self.stack.forward(x, train=True)
         if self.stack.fused:
-            books = {name: getattr(self, name) for name in
-                     ("loss_sum", "acc_sum", "last_loss", "frozen", "diverged_at")}
-            dlogits = self.stack.kernels.cross_entropy_step(logits, y, books,
+            dlogits = self.stack.kernels.cross_entropy_step(logits, y, self.books,
                                                             self.stack.adam_step)
         else:
             dlogits = self._loss_and_books(logits, y)

@@ -128,6 +128,7 @@ class Stack:
         # On CUDA, one Triton launch each for Adam and dropout instead of one per model.
         self.kernels = fused_kernels(device)
         self.fused = self.kernels is not None
+        self.fused_layers = self.fused and self.act == "relu"  # hidden layers in one launch each
         if self.fused:
             self.hyper = torch.tensor([[c.lr, *c.betas, c.eps, c.weight_decay] for c in configs],
                                       device=device)
@@ -183,7 +184,7 @@ class Stack:
                 z = self._wide_first_layer(x[0])
             else:
                 z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
-            if self.fused and self.act == "relu":
+            if self.fused_layers:
                 layer = self._fused_hidden_forward(h, z, i, train)
                 hidden.append(layer)
                 h = layer.u
@@ -205,7 +206,7 @@ class Stack:
 
     def backward(self, dlogits: Tensor, hidden: list[_Hidden]) -> None:
         """Gradients of the summed per-model losses into `self.grads`, given d loss / d logits."""
-        if self.fused and self.act == "relu":
+        if self.fused_layers:
             return self._fused_backward(dlogits, hidden)
         p, g, d = self.params, self.grads, dlogits
         for i in range(self.depth, -1, -1):
