@@ -14,15 +14,17 @@ without it holds unused identity LayerNorm parameters that get zero gradients, s
 Adam step (so weight decay never moves them) and are never exported.
 
 Every operation acts on each model's slice independently, so model k computes bit for bit the
-same numbers whatever the other models are (checked by the tests).
+same numbers whatever the other models are and however many threads run (checked by the tests;
+see `product` for the one case where that takes care).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -180,10 +182,7 @@ class Stack:
         """Logits (N, B, classes) for input (N, B, in); with `train`, dropout and the cache."""
         p, hidden, h = self.params, [], x
         for i in range(self.depth):
-            if i == 0 and not train and _shared(x):
-                z = self._wide_first_layer(x[0])
-            else:
-                z = torch.baddbmm(p[f"linear{i}.bias"], h, p[f"linear{i}.weight"])
+            z = product(h, p[f"linear{i}.weight"], p[f"linear{i}.bias"])
             if self.fused_layers:
                 layer = self._fused_hidden_forward(h, z, i, train)
                 hidden.append(layer)
@@ -200,7 +199,7 @@ class Stack:
                 h = torch.addcmul(p[f"norm{i}.bias"], layer.xhat, p[f"norm{i}.weight"])
                 h = self._unnormed_where_off(h, u)
             hidden.append(layer)
-        logits = torch.baddbmm(p[f"linear{self.depth}.bias"], h, p[f"linear{self.depth}.weight"])
+        logits = product(h, p[f"linear{self.depth}.weight"], p[f"linear{self.depth}.bias"])
         hidden.append(_Hidden(h, logits, logits, None, logits))
         return logits, hidden
 
@@ -210,11 +209,11 @@ class Stack:
             return self._fused_backward(dlogits, hidden)
         p, g, d = self.params, self.grads, dlogits
         for i in range(self.depth, -1, -1):
-            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
+            product(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
             torch.sum(d, 1, keepdim=True, out=g[f"linear{i}.bias"])
             if i == 0:
                 return
-            d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
+            d = product(d, p[f"linear{i}.weight"].transpose(1, 2))
             layer = hidden[i - 1]
             if self.layernorm:
                 d = self._layernorm_backward(d, layer, i - 1)
@@ -242,30 +241,16 @@ class Stack:
         p, g, d, top = self.params, self.grads, dlogits, self.depth
         torch.sum(d, 1, keepdim=True, out=g[f"linear{top}.bias"])
         for i in range(top, -1, -1):
-            torch.bmm(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
+            product(hidden[i].x.transpose(1, 2), d, out=g[f"linear{i}.weight"])
             if i == 0:
                 return
-            d = torch.bmm(d, p[f"linear{i}.weight"].transpose(1, 2))
+            d = product(d, p[f"linear{i}.weight"].transpose(1, 2))
             layer, weight, grads = hidden[i - 1], None, None
             if self.layernorm:
                 weight = self.params[f"norm{i - 1}.weight"]
                 grads = g[f"norm{i - 1}.weight"], g[f"norm{i - 1}.bias"]
             d = self.kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
                                         layer.mask, layer.a, grads, g[f"linear{i - 1}.bias"])
-
-    def _wide_first_layer(self, x: Tensor) -> Tensor:
-        """Layer 0's pre-activation (N, B, H) for an input (B, in) that every model shares.
-
-        x @ [W_1 | ... | W_N] is one wide GEMM instead of N narrow ones; each output column is
-        the same dot product either way, bit for bit. It pays for copying the weights into
-        that layout on evaluation blocks, not on training batches (measured). The result is made
-        contiguous: activations take another code path, with other rounding, on strided input.
-        """
-        w, b = self.params["linear0.weight"], self.params["linear0.bias"]
-        n, _, width = w.shape
-        z = torch.addmm(b.transpose(0, 1).reshape(1, n * width), x,
-                        w.transpose(0, 1).reshape(-1, n * width))
-        return z.view(-1, n, width).transpose(0, 1).contiguous()
 
     def _layernorm_backward(self, d: Tensor, layer: _Hidden, i: int) -> Tensor:
         """LayerNorm i's parameter gradients, and d through it (unchanged for models without)."""
@@ -345,9 +330,41 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
     return list(zip(edges[::2], edges[1::2], strict=True))
 
 
-def _shared(x: Tensor) -> bool:
-    """Whether every model's input (N, B, in) is the same tensor (one model, or expanded)."""
-    return x.shape[0] == 1 or x.stride(0) == 0
+def product(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """a @ b [+ bias] per model, (N, R, K) × (N, K, M): the same bits for any N and thread count.
+
+    A batched product of two or more models computes each model's product on one thread. A lone
+    model's product would be split across threads in another summation order on some CPUs (MKL
+    on AVX-512), so on a CPU its rows are cut into two halves multiplied as a batch of two: each
+    half on one thread, the one-thread bits at nearly the two-thread speed. Rows are independent
+    dot products, so the cut changes no bit (checked by the N-invariance tests).
+    """
+    rows = a.shape[1]
+    if a.shape[0] > 1 or a.device.type != "cpu":
+        return _batched(a, b, bias, out)
+    if rows % 2:
+        with _one_thread():
+            return _batched(a, b, bias, out)
+    halves = lambda t: t[0].view(2, rows // 2, t.shape[-1])  # noqa: E731
+    both = lambda t: None if t is None else t.expand(2, -1, -1)  # noqa: E731
+    result = _batched(halves(a), both(b), both(bias), None if out is None else halves(out))
+    return result.view(1, rows, -1) if out is None else out
+
+
+def _batched(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    if bias is not None:
+        return torch.baddbmm(bias, a, b)
+    return torch.bmm(a, b, out=out)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
