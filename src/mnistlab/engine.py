@@ -86,6 +86,7 @@ class TrainResult:
     members: list[Member]
     inputs: InputSpec
     weights: dict[str, Tensor]  # the stacked weights, on the CPU
+    predictions: TestPredictions  # every model's answer for every test image
 
     def checkpoint(self, k: int) -> Checkpoint:
         """Member k as a plain nn.Sequential, with its config, input spec and seed."""
@@ -122,8 +123,23 @@ def input_spec(train: Dataset, input_norm: str) -> InputSpec:
     return InputSpec(tuple(train.images.shape[1:]), tuple(train.classes), mean, std)
 
 
-def evaluate(stack: Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[float]]:
-    """Mean loss and accuracy per model over all of (x, y), in eval mode."""
+@dataclass
+class TestPredictions:
+    """Each model's answer for every test image: what the run directory keeps of the test pass."""
+
+    predicted: Tensor  # (N, T) int16: the class with the highest logit
+    probability: Tensor  # (N, T) float32: softmax probability of that class
+    true_probability: Tensor  # (N, T) float32: softmax probability of the true class
+
+
+def evaluate(
+    stack: Stack, x: Tensor, y: Tensor, predictions: list[Tensor] | None = None
+) -> tuple[list[float], list[float]]:
+    """Mean loss and accuracy per model over all of (x, y), in eval mode.
+
+    With `predictions` (an empty list), each block's (predicted class, its probability, the
+    true class's probability), each (N, rows), is appended to it.
+    """
     wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
     loss = torch.zeros(stack.n, dtype=wide, device=x.device)
     correct = torch.zeros(stack.n, dtype=torch.int64, device=x.device)
@@ -136,10 +152,21 @@ def evaluate(stack: Stack, x: Tensor, y: Tensor) -> tuple[list[float], list[floa
             logits, _ = stack.forward(xb.expand(stack.n, -1, -1))
             logp = torch.log_softmax(logits, -1)
             picked.append(logp.gather(-1, yb.expand(stack.n, -1).unsqueeze(-1)))
-            correct += (logits.argmax(-1) == yb).sum(1)
+            predicted = logits.argmax(-1)
+            correct += (predicted == yb).sum(1)
+            if predictions is not None:
+                top = logp.gather(-1, predicted.unsqueeze(-1)).squeeze(-1).exp()
+                predictions.append(torch.stack(
+                    [predicted.to(torch.float32), top, picked[-1].squeeze(-1).exp()]).cpu())
         loss -= torch.cat(picked, 1).sum((1, 2))
     n = len(x) or math.nan
     return (loss / n).tolist(), (correct.to(wide) / n).tolist()
+
+
+def _test_predictions(blocks: list[Tensor]) -> TestPredictions:
+    joined = torch.cat(blocks, 2) if blocks else torch.empty(3, 0, 0)
+    return TestPredictions(joined[0].to(torch.int16), joined[1].contiguous(),
+                           joined[2].contiguous())
 
 
 @contextlib.contextmanager
@@ -474,11 +501,13 @@ def train(
         _sync(dev)
         run.seconds = time.perf_counter() - start
         test_x, test_y = run._on_device(splits.test, spec)
-        test_loss, test_acc = evaluate(run.stack, test_x, test_y)
+        blocks: list[Tensor] = []
+        test_loss, test_acc = evaluate(run.stack, test_x, test_y, blocks)
     diverged = run.diverged()
     test = [
         {"loss": math.nan, "accuracy": math.nan} if d else {"loss": lo, "accuracy": acc}
         for d, lo, acc in zip(diverged, test_loss, test_acc, strict=True)
     ]
     weights = {k: v.cpu() for k, v in run.stack.params.items()}
-    return TrainResult(run.rows, test, diverged, run.seconds, str(dev), members, spec, weights)
+    return TrainResult(run.rows, test, diverged, run.seconds, str(dev), members, spec, weights,
+                       _test_predictions(blocks))
