@@ -12,9 +12,12 @@ import pytest
 import torch
 from agreement import assert_mostly_close, assert_rows_agree, assert_same
 
+from mnistlab import backend
 from mnistlab.config import PRESETS, Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, train
+from mnistlab.graphs import GraphedStep
+from mnistlab.stack import Stack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -26,6 +29,25 @@ SCHEDULE = Schedule(epochs=2, record_every=4, log_every=100)
 def splits(make_dataset) -> Splits:
     """1,300 training images: 10 full batches and a partial one per epoch (not graphed)."""
     return Splits(make_dataset(1300, seed=1), make_dataset(300, seed=2), make_dataset(200, seed=3))
+
+
+def test_backend_follows_mnistlab_triton_and_mnistlab_cuda_graphs(monkeypatch):
+    """Triton unless MNISTLAB_TRITON=0, graphs unless MNISTLAB_CUDA_GRAPHS=0; a graph registers
+    the generators PyTorch's dropout draws from, none for Triton's counter-based dropout."""
+    configs, step = [m.config for m in STUDY], lambda index: None
+    monkeypatch.setenv("MNISTLAB_TRITON", "0")
+    monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "0")
+    stack = Stack.initial(configs, [m.seed for m in STUDY], 784, 10, torch.device("cuda"))
+    assert type(stack.backend) is backend.TorchOps
+    assert stack.backend.step_runner(step) is step
+    monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "1")
+    graphed = stack.backend.step_runner(step)
+    assert isinstance(graphed, GraphedStep) and graphed.generators == stack.generators
+    if importlib.util.find_spec("triton") is not None:
+        monkeypatch.setenv("MNISTLAB_TRITON", "1")
+        stack = Stack.initial(configs, [m.seed for m in STUDY], 784, 10, torch.device("cuda"))
+        assert type(stack.backend) is backend.TritonLayers
+        assert stack.backend.step_runner(step).generators == []
 
 
 @pytest.mark.parametrize("triton", ["1", "0"], ids=["triton-kernels", "torch-ops"])

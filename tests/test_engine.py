@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from mnistlab.backend import cross_entropy
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, input_spec, resolve_device, train
 from mnistlab.errors import MnistlabError
 from mnistlab.model import build_mlp
-from mnistlab.stack import Stack, cross_entropy, derived_seed
+from mnistlab.stack import Stack, derived_seed
 
 LN = PRESETS["lr1e-3-p0.2"]
 
@@ -158,7 +159,7 @@ def test_dropout_masks_are_per_model_and_independent():
     configs = [replace(LN, name="a", dropout=0.2), replace(LN, name="b", dropout=0.6),
                replace(LN, name="c", dropout=0.0)]
     stack = Stack.initial(configs, [0, 0, 0], 784, 10, torch.device("cpu"))
-    _, masks = stack._dropout(torch.ones(3, 4096, 150))
+    _, masks = stack.backend.dropout(torch.ones(3, 4096, 150))
     kept = masks > 0
     assert kept[0].float().mean().item() == pytest.approx(0.8, abs=0.01)
     assert kept[1].float().mean().item() == pytest.approx(0.4, abs=0.01)

@@ -12,11 +12,12 @@ import torch
 from agreement import DEVICE, assert_mostly_close, assert_rows_agree
 from test_engine import GELU, LN, MIXED_LAYERNORM, reference_run
 
-from mnistlab import stack as stack_module
+from mnistlab import backend as backend_module
+from mnistlab.backend import cross_entropy
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, train
-from mnistlab.stack import Stack, cross_entropy
+from mnistlab.stack import Stack
 
 kernels = pytest.importorskip("mnistlab.kernels", reason="Triton is not installed")
 
@@ -113,15 +114,37 @@ def test_loss_kernel_matches_cross_entropy_and_keeps_the_books():
     torch.testing.assert_close(shared[:2].cpu(), expected[:2], atol=1e-7, rtol=1e-5)
 
 
+def test_backend_is_chosen_by_device_environment_and_activation(monkeypatch):
+    """Triton for CUDA stacks only, unless MNISTLAB_TRITON=0; fused hidden layers for ReLU only;
+    steps run plainly off CUDA, whichever backend."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("MNISTLAB_TRITON", raising=False)
+    assert backend_module.triton_kernels(cuda) is kernels
+    assert backend_module.triton_kernels(cpu) is None
+    monkeypatch.setenv("MNISTLAB_TRITON", "0")
+    assert backend_module.triton_kernels(cuda) is None
+    relu, gelu = RunConfig(name="relu"), RunConfig(name="gelu", activation="gelu")
+    assert type(Stack.initial([relu], [0], 784, 10, cpu).backend) is backend_module.TorchOps
+    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: kernels)
+    monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "1")
+    for config, chosen in ((relu, backend_module.TritonLayers),
+                           (gelu, backend_module.TritonKernels)):
+        stack = Stack.initial([config], [0], 784, 10, cpu)
+        assert type(stack.backend) is chosen
+        step = lambda index: None  # noqa: E731
+        assert stack.backend.step_runner(step) is step
+
+
 @pytest.mark.parametrize("layernorm", [(True, False, True), (True, True, True), (False,) * 3],
                          ids=["mixed-layernorm", "all-layernorm", "no-layernorm"])
 def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
     """Forward (ReLU, dropout, LayerNorm) and backward of the fused path against the PyTorch
     path fed the same dropout masks; the masks are the dropout kernel's."""
-    monkeypatch.setattr(stack_module, "fused_kernels", lambda device: kernels)
+    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: kernels)
     configs = [RunConfig(name=f"m{k}", layernorm=layernorm[k], dropout=p, dropout_after=(1, 2),
                          hidden=(40, 30)) for k, p in enumerate((0.3, 0.0, 0.5))]
     stack = Stack.initial(configs, [0, 1, 2], 784, 10, DEVICE)
+    assert isinstance(stack.backend, backend_module.TritonLayers)
     for key in [key for key in stack.params if key.startswith("norm")]:
         stack.params[key].add_(torch.randn_like(stack.params[key]) * 0.1)
     x, y = torch.rand(3, 50, 784, device=DEVICE), torch.randint(0, 10, (3, 50), device=DEVICE)
@@ -130,12 +153,13 @@ def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
     fused = {k: v.clone() for k, v in stack.grads.items()}
     masks = iter([layer.mask for layer in hidden[:-1] if layer.mask is not None])
     relu = torch.relu(hidden[0].z)  # layer 0's activation: the dropout kernel draws masks alike
-    drawn = kernels.dropout(relu, stack.dropout_seeds, stack.drop_p.view(-1), stack.adam_step)[1]
+    fused_ops = stack.backend
+    drawn = kernels.dropout(relu, fused_ops.seeds, fused_ops.drop_p.view(-1), stack.adam_step)[1]
     assert torch.equal(drawn, hidden[0].mask)
     evaluated = stack.forward(x)[0]  # evaluation: no dropout, no statistics kept
-    stack.fused = False
+    stack.backend = backend_module.TorchOps(stack)
     torch.testing.assert_close(evaluated, stack.forward(x)[0], atol=2e-6, rtol=1e-5)
-    monkeypatch.setattr(stack, "_dropout", lambda a: (lambda m: (a * m, m))(next(masks)))
+    monkeypatch.setattr(stack.backend, "dropout", lambda a: (lambda m: (a * m, m))(next(masks)))
     expected, hidden = stack.forward(x, train=True)
     torch.testing.assert_close(logits, expected, atol=2e-6, rtol=1e-5)
     stack.backward(cross_entropy(expected, y)[2], hidden)
@@ -147,8 +171,8 @@ def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
 
 @pytest.fixture
 def fused(monkeypatch):
-    """The stack takes its CUDA path (the Triton kernels) on this device."""
-    monkeypatch.setattr(stack_module, "fused_kernels", lambda device: kernels)
+    """Stacks choose the CUDA backend (the Triton kernels) on this device."""
+    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: kernels)
 
 
 @pytest.mark.parametrize("members", [MIXED_LAYERNORM[:3], GELU[:3]], ids=["relu", "gelu"])

@@ -32,7 +32,6 @@ import ctypes
 import hashlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -45,17 +44,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mnistlab.atomic import atomic_path
 from mnistlab.config import RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.errors import CheckpointError, MnistlabError
-from mnistlab.graphs import GraphedStep
 from mnistlab.model import Checkpoint, InputSpec, read_safetensors, unstack_model
-from mnistlab.runs import atomic_path
-from mnistlab.stack import Stack, cross_entropy, derived_seed
+from mnistlab.stack import Stack, derived_seed
 
 STATE_FORMAT = "mnistlab-train-state/1"
 EVAL_CHUNK = 4096  # validation/test rows per float32 loss sum (fixes the summation order)
-EVAL_BLOCK = 1024  # rows per CPU forward pass: large GEMMs whose intermediates stay in cache
 
 
 @dataclass(frozen=True)
@@ -140,10 +137,10 @@ def evaluate(
     With `predictions` (an empty list), each block's (predicted class, its probability, the
     true class's probability), each (N, rows), is appended to it.
     """
-    wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    wide = stack.backend.eval_dtype
     loss = torch.zeros(stack.n, dtype=wide, device=x.device)
     correct = torch.zeros(stack.n, dtype=torch.int64, device=x.device)
-    block = EVAL_BLOCK if x.device.type == "cpu" else EVAL_CHUNK  # a GPU wants few, big launches
+    block = stack.backend.eval_block or EVAL_CHUNK  # rows per forward pass
     for a in range(0, len(x), EVAL_CHUNK):
         picked = []  # log p(label) per model and row, for one chunk's loss sum
         stop = min(a + EVAL_CHUNK, len(x))
@@ -218,14 +215,11 @@ class _Training:
         self.diverged_at = torch.zeros(len(members), dtype=torch.int64, device=device)
         self.perms: Tensor | None = None
         self.last_loss = zeros.clone()
-        # The step's running sums and divergence marks, updated in place by the fused loss.
+        # The step's running sums and divergence marks, updated in place by the backend's loss.
         self.books = {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
                       "last_loss": self.last_loss, "frozen": self.frozen,
                       "diverged_at": self.diverged_at}
-        self.run_step = self._step
-        if device.type == "cuda" and os.environ.get("MNISTLAB_CUDA_GRAPHS", "1") != "0":
-            stack = self.stack
-            self.run_step = GraphedStep(self._step, [] if stack.fused else stack.generators)
+        self.run_step = self.stack.backend.step_runner(self._step)  # a CUDA graph's replay, say
         self.step, self.since, self.seconds = 0, 0, 0.0
         self.rows: list[dict] = []
         self.fingerprint = json.loads(json.dumps({
@@ -268,25 +262,9 @@ class _Training:
         """A step's device work: no host reads and state changed only in place (graphable)."""
         x, y = self.gather(index)
         logits, hidden = self.stack.forward(x, train=True)
-        if self.stack.fused:
-            dlogits = self.stack.kernels.cross_entropy_step(logits, y, self.books,
-                                                            self.stack.adam_step)
-        else:
-            dlogits = self._loss_and_books(logits, y)
+        dlogits = self.stack.backend.loss(logits, y, self.books)
         self.stack.backward(dlogits, hidden)
         self.stack.adam(self.frozen)
-
-    def _loss_and_books(self, logits: Tensor, y: Tensor) -> Tensor:
-        """d loss/d logits; the step's loss and accuracy summed, divergence marked and frozen."""
-        loss, accuracy, dlogits = cross_entropy(logits, y)
-        bad = ~torch.isfinite(loss)
-        step = (self.stack.adam_step + 1).to(self.diverged_at.dtype)  # this step's number
-        self.diverged_at.copy_(torch.where(bad & (self.frozen == 0), step, self.diverged_at))
-        torch.maximum(self.frozen, bad.to(self.frozen.dtype), out=self.frozen)
-        self.loss_sum += loss
-        self.acc_sum += accuracy
-        self.last_loss.copy_(loss)
-        return dlogits
 
     def record(self) -> list[dict]:
         val_loss, val_acc = evaluate(self.stack, *self.val)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnistlab.atomic import atomic_path
 from mnistlab.errors import MnistlabError
 from mnistlab.model import Checkpoint, load_checkpoint
-from mnistlab.runs import atomic_path
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
@@ -50,7 +50,7 @@ def export_onnx(ckpt: Checkpoint, out: Path, *, batch: int = 64) -> float:
 
     Input contract: "pixels", float32 (N, H, W) with N dynamic and (H, W) = ckpt.inputs.shape
     (28×28 for MNIST), raw grey levels 0..255 with 0 = background, as in the MNIST files (white ink
-    on black; use mnistlab.predict.preprocess_image for photos). Output: "logits", float32
+    on black; use mnistlab.inference.preprocess_image for photos). Output: "logits", float32
     (N, classes); softmax gives probabilities. The class names are in the model's metadata
     ("classes", a JSON list).
 

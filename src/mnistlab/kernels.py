@@ -20,11 +20,11 @@ and a CUDA graph (mnistlab.graphs) replays them with the matrix products.
   dropout, LayerNorm for the models that have it) and its gradient, including the LayerNorm
   and bias gradients as column sums added in a fixed order (deterministic, no atomics).
 - `cross_entropy_step`: the loss gradient, and the step's loss/accuracy sums and divergence
-  marks that the engine otherwise keeps with a dozen small operations.
+  marks that the PyTorch backend keeps with a dozen small operations.
 
-Importing this module needs Triton; mnistlab.stack imports it only for a CUDA stack, and
-without Triton (or with MNISTLAB_TRITON=0) the stack uses its PyTorch path. Tests run the
-kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+Importing this module needs Triton; mnistlab.backend imports it only for a CUDA stack, and
+without Triton (or with MNISTLAB_TRITON=0) the stack's backend is PyTorch operators. Tests run
+the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def cross_entropy_step(logits: Tensor, labels: Tensor, sums: dict[str, Tensor], 
                        ) -> Tensor:
     """d(sum of per-model mean losses)/d logits for logits (N, B, C), plus the step's books.
 
-    In one launch per step, what the engine otherwise does in twenty: per model the batch's
+    In one launch per step, what the PyTorch backend does in twenty: per model the batch's
     mean cross-entropy and accuracy are added to `sums["loss_sum"]`/`["acc_sum"]` and kept in
     `["last_loss"]`; a model whose loss is NaN/inf gets `["frozen"]` = 1 and, the first time,
     `["diverged_at"]` = this step (`step` holds the steps completed before it).

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
+from mnistlab.atomic import atomic_write_bytes
 from mnistlab.config import RunConfig, run_config_from_dict, to_dict
 from mnistlab.errors import CheckpointError, ConfigError
 
@@ -81,8 +82,6 @@ def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     """Write atomically (temp + rename) so a crash never leaves a half-written checkpoint."""
-    from mnistlab.runs import atomic_write_bytes
-
     atomic_write_bytes(path, checkpoint_bytes(ckpt))
 
 

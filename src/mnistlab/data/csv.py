@@ -20,10 +20,10 @@ from typing import Literal
 
 import numpy as np
 
+from mnistlab.atomic import atomic_write_bytes
 from mnistlab.data.dataset import DIGITS, Dataset
 from mnistlab.data.idx import read_bytes
 from mnistlab.errors import DataError
-from mnistlab.runs import atomic_write_bytes
 
 LayoutName = Literal["kaggle", "mnist", "plain"]
 LAYOUTS: tuple[LayoutName, ...] = ("kaggle", "mnist", "plain")

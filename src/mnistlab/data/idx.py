@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistlab.atomic import atomic_write_bytes
 from mnistlab.data.dataset import DIGITS, Dataset
 from mnistlab.errors import DataError
-from mnistlab.runs import atomic_write_bytes
 
 GZIP_MAGIC = b"\x1f\x8b"
 UBYTE = 0x08

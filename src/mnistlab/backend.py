@@ -1,0 +1,300 @@
+"""How a stack computes, chosen once when it is built: PyTorch operators, or fused Triton kernels.
+
+Why an object: the two ways differ in everything between the matrix products (a hidden layer's
+activation, dropout and LayerNorm and their gradients), in the loss and its books, in Adam, in
+how a step is run and in how evaluation is cut into blocks. `choose` picks one per stack and the
+stack holds it (`Stack.backend`), so neither the stack nor the engine asks which one it has.
+
+- `TorchOps`, PyTorch operators on every device: the CPU's and MPS's, and CUDA's where Triton is
+  missing or switched off (MNISTLAB_TRITON=0). The backward pass calls PyTorch's own backward
+  kernels (threshold/gelu/tanh, layer norm) on whole stacks; dropout draws from one generator
+  per model; Adam is PyTorch's fused kernel, one call per model so each model keeps its own
+  hyperparameters and can be frozen (`found_inf`) without touching the others.
+- `TritonKernels`, on CUDA (mnistlab.kernels, imported here lazily: CPU runs never load Triton):
+  one launch each for Adam, dropout and the loss with its books instead of one per model or a
+  dozen; a ReLU stack's hidden layers are one launch each too (`TritonLayers`), other
+  activations keep `TorchOps`'s layer operations.
+
+On CUDA either one's step is replayed as a CUDA graph (mnistlab.graphs) unless
+MNISTLAB_CUDA_GRAPHS=0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mnistlab.config import RunConfig
+from mnistlab.graphs import GraphedStep
+
+LN_EPS = 1e-5  # nn.LayerNorm's default, which build_mlp uses
+CPU_EVAL_BLOCK = 1024  # rows per CPU forward pass: large GEMMs whose intermediates stay in cache
+_ACT_BACKWARD = {
+    "relu": lambda grad, z, a: torch.ops.aten.threshold_backward(grad, a, 0),
+    "gelu": lambda grad, z, a: torch.ops.aten.gelu_backward(grad, z),
+    "tanh": lambda grad, z, a: torch.ops.aten.tanh_backward(grad, a),
+}
+_ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
+
+
+def triton_kernels(device: torch.device) -> ModuleType | None:
+    """mnistlab.kernels where a stack on `device` should use them, else None.
+
+    CUDA only, and only where Triton imports (a missing or broken Triton means PyTorch ops);
+    MNISTLAB_TRITON=0 switches them off. Imported here, lazily: CPU runs never load Triton.
+    """
+    if device.type != "cuda" or os.environ.get("MNISTLAB_TRITON", "1") == "0":
+        return None
+    try:
+        from mnistlab import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+class Stack(Protocol):
+    """What a backend reads and updates of its stack (mnistlab.stack.Stack, which holds it)."""
+
+    device: torch.device
+    configs: list[RunConfig]
+    act: str  # the activation
+    layernorm: bool  # whether any model has LayerNorm
+    dropout_layers: set[int]  # 0-based hidden layers followed by dropout
+    params: dict[str, Tensor]  # named views of flat["param"]
+    grads: dict[str, Tensor]  # named views of flat["grad"]
+    flat: dict[str, Tensor]  # (N, P): param, grad, exp_avg, exp_avg_sq
+    adam_span: list[int]  # per model, how much of its row Adam steps
+    adam_step: Tensor  # steps completed
+    generators: list[torch.Generator]  # dropout draws, one per model
+    dropout_seeds: list[int]
+
+
+def choose(stack: Stack) -> TorchOps:
+    """The backend for `stack`: the Triton kernels where `triton_kernels` offers them, else
+    PyTorch operators."""
+    kernels = triton_kernels(stack.device)
+    if kernels is None:
+        return TorchOps(stack)
+    return (TritonLayers if stack.act == "relu" else TritonKernels)(stack, kernels)
+
+
+@dataclass
+class Hidden:
+    """What the backward pass needs from one hidden layer."""
+
+    x: Tensor  # the layer's input
+    z: Tensor  # pre-activation
+    a: Tensor  # activation
+    mask: Tensor | None  # dropout scale: 0 or 1/(1-p)
+    u: Tensor  # LayerNorm input (the activation after dropout)
+    xhat: Tensor | None = None
+    mean: Tensor | None = None
+    rstd: Tensor | None = None
+
+
+class TorchOps:
+    """A stack's non-GEMM work in PyTorch operators, each acting on every model's slice alone."""
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        device, configs = stack.device, stack.configs
+        has_ln = [c.layernorm for c in configs]
+        mixed = stack.layernorm and not all(has_ln)
+        # (N, 1, 1) selector where LayerNorm is on for some models only; None when all or none.
+        self.ln_mask = torch.tensor(has_ln, device=device).view(-1, 1, 1) if mixed else None
+        # Rows of models without LayerNorm as [a, b) ranges: copying them is cheapest on a CPU;
+        # elsewhere each copy is a launch, so one `where` does them all (None). The same bits.
+        cpu = device.type == "cpu"
+        self.no_ln_runs = _runs([not ln for ln in has_ln]) if cpu else None
+        p = torch.tensor([c.dropout for c in configs], device=device).view(-1, 1, 1)
+        self.drop_p, self.keep_scale = p, 1.0 / (1.0 - p)
+        # Each model's Adam operands, sliced once: per-step slicing is dispatcher time on a CPU.
+        self.adam_rows = [
+            [[stack.flat[kind][k, :span]] for kind in ("param", "grad", "exp_avg", "exp_avg_sq")]
+            for k, span in enumerate(stack.adam_span)
+        ]
+        self.graph_generators = stack.generators  # advanced by every replay of a CUDA graph
+        # Evaluation: rows per forward pass (None: a whole loss chunk, since a GPU wants few, big
+        # launches) and the loss sum's dtype (MPS has no float64).
+        self.eval_block = CPU_EVAL_BLOCK if cpu else None
+        self.eval_dtype = torch.float32 if device.type == "mps" else torch.float64
+
+    # --- hidden layers ------------------------------------------------------------------------
+
+    def dropout(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """(a · mask, mask): inverted-dropout scales drawn per model (ones where p = 0)."""
+        mask = torch.ones_like(a)
+        for k, gen in enumerate(self.stack.generators):
+            if self.stack.configs[k].dropout > 0:
+                mask[k].uniform_(generator=gen)
+        mask.ge_(self.drop_p).mul_(self.keep_scale)  # in place: 1.0/0.0, then the scale
+        return a * mask, mask
+
+    def hidden_forward(self, x: Tensor, z: Tensor, i: int, train: bool) -> tuple[Tensor, Hidden]:
+        """Hidden layer i after its matrix product z = x W + b: (its output, its cache)."""
+        s = self.stack
+        a = _ACT[s.act](z)
+        u, mask = self.dropout(a) if train and i in s.dropout_layers else (a, None)
+        layer = Hidden(x, z, a, mask, u)
+        if not s.layernorm:
+            return u, layer
+        layer.xhat, layer.mean, layer.rstd = torch.native_layer_norm(
+            u, [u.shape[-1]], None, None, LN_EPS
+        )
+        h = torch.addcmul(s.params[f"norm{i}.bias"], layer.xhat, s.params[f"norm{i}.weight"])
+        return self._unnormed_where_off(h, u), layer
+
+    def hidden_backward(self, d: Tensor, layer: Hidden, i: int) -> Tensor:
+        """d at hidden layer i's output → d at its pre-activation (`d` may be overwritten).
+
+        The layer's bias gradient, and its LayerNorm's, go into the stack's gradients.
+        """
+        if self.stack.layernorm:
+            d = self._layernorm_backward(d, layer, i)
+        if layer.mask is not None:
+            d = d.mul_(layer.mask)  # d is this pass's own temporary
+        d = _ACT_BACKWARD[self.stack.act](d, layer.z, layer.a)
+        torch.sum(d, 1, keepdim=True, out=self.stack.grads[f"linear{i}.bias"])
+        return d
+
+    def _unnormed_where_off(self, normed: Tensor, plain: Tensor) -> Tensor:
+        """`normed`, with the rows of models without LayerNorm taken from `plain`."""
+        if self.ln_mask is None:
+            return normed
+        if self.no_ln_runs is None:
+            return torch.where(self.ln_mask, normed, plain)
+        for a, b in self.no_ln_runs:
+            normed[a:b] = plain[a:b]
+        return normed
+
+    def _layernorm_backward(self, d: Tensor, layer: Hidden, i: int) -> Tensor:
+        """LayerNorm i's parameter gradients, and d through it (unchanged for models without)."""
+        g = self.stack.grads
+        torch.sum(d * layer.xhat, 1, keepdim=True, out=g[f"norm{i}.weight"])
+        torch.sum(d, 1, keepdim=True, out=g[f"norm{i}.bias"])
+        d_in = torch.ops.aten.native_layer_norm_backward(
+            d * self.stack.params[f"norm{i}.weight"], layer.u, [d.shape[-1]], layer.mean,
+            layer.rstd, None, None, [True, False, False],
+        )[0]
+        if self.ln_mask is None:
+            return d_in
+        # masked_fill, not a product: exact zeros even where a diverged model's d is NaN
+        g[f"norm{i}.weight"].masked_fill_(~self.ln_mask, 0.0)
+        g[f"norm{i}.bias"].masked_fill_(~self.ln_mask, 0.0)
+        return self._unnormed_where_off(d_in, d)
+
+    # --- loss, optimiser, step ----------------------------------------------------------------
+
+    def loss(self, logits: Tensor, y: Tensor, books: dict[str, Tensor]) -> Tensor:
+        """d loss/d logits; the step's loss and accuracy summed, divergence marked and frozen.
+
+        `books` holds (N,) tensors updated in place: loss_sum, acc_sum, last_loss (this step's
+        loss), frozen (1 from a model's first NaN/inf loss on) and diverged_at (that step).
+        """
+        loss, accuracy, dlogits = cross_entropy(logits, y)
+        frozen, diverged_at = books["frozen"], books["diverged_at"]
+        bad = ~torch.isfinite(loss)
+        step = (self.stack.adam_step + 1).to(diverged_at.dtype)  # this step's number
+        diverged_at.copy_(torch.where(bad & (frozen == 0), step, diverged_at))
+        torch.maximum(frozen, bad.to(frozen.dtype), out=frozen)
+        books["loss_sum"].add_(loss)
+        books["acc_sum"].add_(accuracy)
+        books["last_loss"].copy_(loss)
+        return dlogits
+
+    def adam(self, frozen: Tensor) -> None:
+        """Each model's Adam step (the stack's step count already advanced), except frozen ones."""
+        step = self.stack.adam_step
+        for k, c in enumerate(self.stack.configs):
+            torch._fused_adam_(
+                *self.adam_rows[k], [], [step], lr=c.lr, beta1=c.betas[0], beta2=c.betas[1],
+                weight_decay=c.weight_decay, eps=c.eps, amsgrad=False, maximize=False,
+                found_inf=frozen[k],
+            )
+
+    def step_runner(self, body: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+        """`body(index)` as a training step runs: replayed as a CUDA graph on CUDA (unless
+        MNISTLAB_CUDA_GRAPHS=0), with the generators it draws from registered; else `body`."""
+        if self.stack.device.type != "cuda" or os.environ.get("MNISTLAB_CUDA_GRAPHS") == "0":
+            return body
+        return GraphedStep(body, self.graph_generators)
+
+
+class TritonKernels(TorchOps):
+    """Adam, dropout and the loss with its books as one Triton launch each for the whole stack.
+
+    Their dropout masks are counter-based (keyed by each model's dropout seed and the step
+    count), so a CUDA graph registers no generators.
+    """
+
+    def __init__(self, stack: Stack, kernels: ModuleType):
+        super().__init__(stack)
+        self.kernels, self.graph_generators = kernels, []
+        device = stack.device
+        self.hyper = torch.tensor(
+            [[c.lr, *c.betas, c.eps, c.weight_decay] for c in stack.configs], device=device
+        )
+        self.span = torch.tensor(stack.adam_span, dtype=torch.int32, device=device)
+        self.seeds = torch.tensor(stack.dropout_seeds, dtype=torch.int64, device=device)
+        has_ln = [c.layernorm for c in stack.configs]
+        self.layernorm_on = torch.tensor(has_ln, dtype=torch.int32, device=device)
+
+    def dropout(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        return self.kernels.dropout(a, self.seeds, self.drop_p.view(-1), self.stack.adam_step)
+
+    def loss(self, logits: Tensor, y: Tensor, books: dict[str, Tensor]) -> Tensor:
+        return self.kernels.cross_entropy_step(logits, y, books, self.stack.adam_step)
+
+    def adam(self, frozen: Tensor) -> None:
+        s = self.stack
+        self.kernels.adam_(s.flat, self.hyper, self.span, frozen, s.adam_step)
+
+
+class TritonLayers(TritonKernels):
+    """`TritonKernels`, and each ReLU hidden layer's non-GEMM work as one launch each way."""
+
+    def hidden_forward(self, x: Tensor, z: Tensor, i: int, train: bool) -> tuple[Tensor, Hidden]:
+        """ReLU, dropout (training) and LayerNorm of hidden layer i in one Triton launch.
+
+        The cache holds z as the activation (ReLU's gradient gate z > 0 is the same as a > 0)
+        and the layer's output as `u`; the fused backward needs no more.
+        """
+        s, norm, dropout = self.stack, None, None
+        if s.layernorm:
+            norm = (s.params[f"norm{i}.weight"], s.params[f"norm{i}.bias"], self.layernorm_on)
+        if train and i in s.dropout_layers:
+            dropout = (self.seeds, self.drop_p.view(-1), s.adam_step)
+        out, scale, xhat, rstd = self.kernels.hidden_forward(z, norm, dropout, LN_EPS, train)
+        return out, Hidden(x, z, z, scale, out, xhat, None, rstd)
+
+    def hidden_backward(self, d: Tensor, layer: Hidden, i: int) -> Tensor:
+        """LayerNorm, dropout, ReLU and the bias (and LayerNorm) column sums, fused."""
+        s, g, weight, grads = self.stack, self.stack.grads, None, None
+        if s.layernorm:
+            weight = s.params[f"norm{i}.weight"]
+            grads = g[f"norm{i}.weight"], g[f"norm{i}.bias"]
+        return self.kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
+                                            layer.mask, layer.a, grads, g[f"linear{i}.bias"])
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """The [start, stop) ranges where `flags` is true."""
+    edges = [k for k in range(len(flags) + 1)
+             if (k < len(flags) and flags[k]) != (k > 0 and flags[k - 1])]
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per model mean loss (N,), accuracy (N,), and d(sum of the N losses)/d logits."""
+    logp = torch.log_softmax(logits, -1)
+    picked = logp.gather(-1, y.unsqueeze(-1))
+    loss = picked.mean((1, 2)).neg()
+    accuracy = (logits.argmax(-1) == y).to(logits.dtype).mean(1)
+    grad = logp.exp_().scatter_(-1, y.unsqueeze(-1), picked.exp() - 1).mul_(1.0 / y.shape[1])
+    return loss, accuracy, grad
