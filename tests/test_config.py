@@ -8,10 +8,12 @@ from mnistlab.config import (
     PRESETS,
     RunConfig,
     Schedule,
-    load_run_study,
     load_study,
+    read_toml,
+    run_study_from_dict,
     seed_study,
     study_to_toml,
+    with_overrides,
 )
 from mnistlab.errors import ConfigError
 
@@ -81,9 +83,26 @@ def test_malformed_toml_names_the_file(tmp_path):
 def test_run_toml_becomes_a_one_run_study(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('name = "mine"\nlr = 0.003\nlayernorm = true\n[schedule]\nepochs = 3\n')
-    study = load_run_study(path, data="fashion-mnist", seed=5, device="cpu")
+    flags = {"data": "fashion-mnist", "seed": 5, "device": "cpu"}
+    study = run_study_from_dict(with_overrides(read_toml(path, "run"), flags), str(path))
     assert study.runs[0].lr == 0.003 and study.runs[0].layernorm
     assert study.seeds == (5,) and study.schedule.epochs == 3 and study.data == "fashion-mnist"
+
+
+def test_flags_override_the_files_values(tmp_path):
+    """Schedule fields land in [schedule], the rest at the top, as if the file said them."""
+    path = tmp_path / "run.toml"
+    path.write_text('name = "mine"\nlr = 0.003\n[schedule]\nepochs = 3\nbatch_size = 64\n')
+    values = with_overrides(read_toml(path, "run"), {"lr": 0.1, "epochs": 2, "seed": 1})
+    study = run_study_from_dict(values, str(path))
+    assert study.runs[0].lr == 0.1 and study.schedule.epochs == 2 and study.seeds == (1,)
+    assert study.schedule.batch_size == 64  # the file's other schedule fields stay
+    path.write_text(study_to_toml(seed_study()))
+    study = load_study(path, {"seeds": 5, "epochs": 1, "data": "fashion-mnist"})
+    assert study.seeds == (0, 1, 2, 3, 4) and study.schedule.epochs == 1
+    assert study.data == "fashion-mnist" and study.runs == seed_study().runs
+    with pytest.raises(ConfigError, match="seeds must be a count or a list"):
+        load_study(path, {"seeds": [1, 1]})
 
 
 def test_architecture_groups_what_can_share_a_stack():

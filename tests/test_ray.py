@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mnistlab as ml
 from mnistlab.config import Schedule
-from mnistlab.progress import StudyProgress
-from mnistlab.sweep import SweepSpec, expand, run_sweep
+from mnistlab.experiment.sweep import SweepSpec, expand
+from mnistlab.progress import Progress
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mnistlab[ray]')")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -180,10 +181,11 @@ def tiny_data(mnist_dir, tmp_path_factory) -> str:
 def local_run(tiny_data, tmp_path_factory):
     spec = dataclasses.replace(SWEEP, data=tiny_data)
     out = tmp_path_factory.mktemp("local")
-    return run_sweep(spec, out=out, display=StudyProgress(live=False), render=False)
+    results = ml.sweep(spec, out=out, progress=False, report=False)
+    return results.run_dir, results.raw
 
 
-class KillAfterFirstStack(StudyProgress):
+class KillAfterFirstStack(Progress):
     """Kills the worker node's raylet as soon as the first stack has been recorded."""
 
     def __init__(self, raylet: int):
@@ -207,11 +209,10 @@ def test_sweep_survives_a_lost_node_and_matches_in_process(
     monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(1) or real_put(value, **kw))
     display = KillAfterFirstStack(_raylet_of(worker))
     spec = dataclasses.replace(SWEEP, data=tiny_data)
-    run_dir, summary = run_sweep(
-        spec, out=tmp_path, ray_address=address, display=display, render=False
-    )
+    results = ml.sweep(spec, out=tmp_path, ray_address=address, progress=display, report=False)
+    run_dir, summary = results.run_dir, results.raw
     log = display.stream.getvalue()
-    stacks = len(expand(spec)) * len(spec.seeds) // spec.stack_size
+    stacks = len(expand(spec)[0]) * len(spec.seeds) // spec.stack_size
     # The kill landed mid-sweep: with two one-CPU nodes and tasks queued, the worker node was
     # running one of them, which Ray re-ran on the head node.
     assert display.killed_with_pending is not None and display.killed_with_pending >= 3
@@ -224,7 +225,7 @@ def test_sweep_survives_a_lost_node_and_matches_in_process(
     assert len(set(nodes[1:])) == 1  # after the kill, only the surviving node ran stacks
     assert puts == [1]  # the splits went to the object store once, not once per task
     # Nothing lost, nothing duplicated: each configuration × seed exactly once.
-    names = [t.config.name for t in expand(spec)]
+    names = [c.name for c in expand(spec)[0]]
     expected = Counter((n, s) for n in names for s in spec.seeds)
     assert Counter((r["run"], r["seed"]) for r in summary["runs"]) == expected
     rows = run_dir.read_metrics()
@@ -256,8 +257,8 @@ def test_resume_on_ray_sends_only_unfinished_stacks(cluster, local_run, tmp_path
     shutil.copytree(local_dir.root, copy)
     (copy / "checkpoints" / "stack-1.json").unlink()
     (copy / "summary.json").unlink()
-    display = StudyProgress(io.StringIO(), live=False)
-    _, again = run_sweep(None, resume=copy, ray_address=address, display=display, render=False)
+    display = Progress(io.StringIO(), live=False)
+    again = ml.sweep(resume=copy, ray_address=address, progress=display, report=False).raw
     log = display.stream.getvalue()
     assert f"ray: 1 stacks sent to {address}" in log and "stack 1 (2 models) done" in log
     assert (copy / "metrics.csv").read_text() == local_dir.metrics_path.read_text()
@@ -273,19 +274,14 @@ def test_a_user_error_in_a_worker_is_one_line(cluster, tiny_data, tmp_path):
     schedule = Schedule(batch_size=4096, epochs=1, drop_last=True)  # no full batch at all
     spec = dataclasses.replace(SWEEP, data=tiny_data, schedule=schedule, grid={"lr": (1e-3,)})
     with pytest.raises(MnistlabError, match="too few for batch size 4096") as info:
-        run_sweep(
-            spec,
-            out=tmp_path,
-            ray_address=address,
-            render=False,
-            display=StudyProgress(io.StringIO(), live=False),
-        )
+        ml.sweep(spec, out=tmp_path, ray_address=address, report=False,
+                 progress=Progress(io.StringIO(), live=False))
     assert "\n" not in str(info.value)
 
 
 def test_unreachable_cluster_is_one_line():
     from mnistlab.errors import MnistlabError
-    from mnistlab.scaleout import connected
+    from mnistlab.experiment.ray import connected
 
     for address, why in (("127.0.0.1:1", "Connection refused"), ("nowhere", "HOST:PORT")):
         expected = f"--ray-address {address}: cannot connect.*{why}"

@@ -15,17 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_evaluate import SMALL, train_checkpoint
+from test_evaluation import SMALL, train_checkpoint
 from typer.testing import CliRunner
 
+from mnistlab.atomic import atomic_write_bytes, atomic_write_text
 from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study, study_to_toml, to_dict
 from mnistlab.data import load, make_splits
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluate import evaluate, evaluate_command
+from mnistlab.evaluation import evaluate, predictions
 from mnistlab.model import save_checkpoint
 from mnistlab.report import render
 from mnistlab.report.html import reading
-from mnistlab.runs import RunDir, atomic_write_text
+from mnistlab.runs import RunDir
 from mnistlab.stats import summarize
 
 BEST, BASELINE, SLOW = "lr1e-3-p0.2", "baseline", "slow<&>"  # SLOW also tests escaping
@@ -85,6 +86,8 @@ def build_run_dir(root: Path, mnist_dir: Path) -> RunDir:
     for seed in study.seeds:
         ckpt = train_checkpoint(study.runs[1], splits.train, seed)
         save_checkpoint(run.model_path(BEST, seed), ckpt)
+        atomic_write_bytes(run.predictions_path(BEST, seed),
+                           predictions(ckpt, splits.test).to_bytes())
         ev = evaluate(ckpt, splits.test)
         curves = {  # final val accuracy, time constant, train-val gap, diverged at
             BASELINE: (ev.accuracy - 0.012, 60, 0.03, 150 if seed == 2 else None),
@@ -210,37 +213,40 @@ def test_rerender_replaces_everything_and_leaves_no_temp_files(run_dir):
     assert not [p for p in run_dir.root.rglob(".*") if p.name != ".gitignore"]
 
 
-def test_unloadable_data_skips_the_two_plots_and_says_so(run_dir, tmp_path):
+def test_report_and_evaluate_need_neither_the_data_nor_the_network(run_dir, tmp_path,
+                                                                    monkeypatch):
+    """The data set gone and every loader refusing: the report re-renders whole, `evaluate`
+    reads the winner's stored predictions, and `load_run` gives the results."""
+    import mnistlab as ml
+
     moved = RunDir(tmp_path / "moved")
     shutil.copytree(run_dir.root, moved.root, ignore=shutil.ignore_patterns("plots", "tb"))
     study = load_study(moved.config_path)
-    missing = tmp_path / "gone"
     atomic_write_text(moved.config_path, study_to_toml(
-        StudyConfig(**{**study.__dict__, "data": str(missing)})))
-    render(moved.root)
-    names = {p.name for p in moved.plots.iterdir()}
-    assert names == EXPECTED_PLOTS - {f"confusion_{BEST}.png", f"misclassified_{BEST}.png"}
-    page = moved.report_path.read_text(encoding="utf-8")
-    assert "Confusion matrix and misclassified grid skipped" in page and str(missing) in page
+        StudyConfig(**{**study.__dict__, "data": str(tmp_path / "gone")})))
 
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded")
 
-def test_evaluate_command_on_the_run_dir_reproduces_the_summary(run_dir, tmp_path):
-    summary = run_dir.read_summary()
-    best_seed = max((r for r in summary["runs"] if r["run"] == BEST),
-                    key=lambda r: r["test_accuracy"])
-    text = evaluate_command(run_dir.root, None, tmp_path)
-    assert f"{BEST}-seed{best_seed['seed']}.safetensors" in text
-    assert f"accuracy {best_seed['test_accuracy']:.4f}" in text
-    assert "held out as the test set" in text  # MNIST t10k alone: the split note is printed
-    assert {p.name for p in tmp_path.iterdir()} == {f"confusion_{BEST}.png",
-                                                   f"misclassified_{BEST}.png"}
+    monkeypatch.setattr("mnistlab.data.loader.load", no_data)
+    monkeypatch.setattr("mnistlab.data.sources.locate", no_data)
+    render(moved)
+    assert {p.name for p in moved.plots.iterdir()} == EXPECTED_PLOTS
+    assert moved.report_path.read_text(encoding="utf-8").count("data:image/png") == len(
+        EXPECTED_PLOTS)
+    scored = ml.evaluate(moved.root, plots=tmp_path / "plots")
+    best = max((r for r in moved.read_summary()["runs"] if r["run"] == BEST),
+               key=lambda r: r["test_accuracy"])
+    assert scored.evaluation.accuracy == pytest.approx(best["test_accuracy"])
+    results = ml.load_run(moved.root)
+    assert results.winner == BEST and len(results.summary) == 3
 
 
 def test_an_unfinished_run_dir_is_a_one_line_error(run_dir, tmp_path):
     unfinished = RunDir(tmp_path / "unfinished")
     atomic_write_text(unfinished.config_path, run_dir.config_path.read_text(encoding="utf-8"))
     with pytest.raises(MnistlabError, match=r"summary.json: missing.*--resume"):
-        render(unfinished.root)
+        render(unfinished)
 
 
 # --- a real browser ------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""Atomic writes: a failure leaves the previous file intact and no temp files behind."""
+"""Atomic writes (a failure leaves the previous file intact, no temp files behind) and the run
+directory's layout."""
 
 import errno
 import os
 
 import pytest
 
+from mnistlab.atomic import atomic_path, atomic_write_text
 from mnistlab.errors import MnistlabError
-from mnistlab.runs import RunDir, atomic_path, atomic_write_text
+from mnistlab.runs import RunDir
 
 
 def test_atomic_write_replaces_the_file(tmp_path):
@@ -56,3 +58,28 @@ def test_metrics_round_trip(tmp_path):
 def test_existing_requires_a_run_directory(tmp_path):
     with pytest.raises(MnistlabError, match="not a run directory"):
         RunDir.existing(tmp_path)
+
+
+def test_run_directories_created_at_once_get_distinct_names(tmp_path):
+    """The name is claimed by mkdir itself, so a second claim in the same second moves on."""
+    roots = {RunDir.create(tmp_path, "s").root for _ in range(20)}
+    assert len(roots) == 20 and all(r.is_dir() and r.parent == tmp_path for r in roots)
+
+
+def test_a_stack_is_recorded_files_first_and_its_state_removed(tmp_path):
+    run = RunDir.create(tmp_path, "s")
+    run.state_path("0").parent.mkdir(parents=True)
+    run.state_path("0").write_bytes(b"state")
+    assert run.finished_stack("0") is None
+    run.record_stack("0", {"rows": [], "runs": [], "seconds": 1.0, "device": "cpu"},
+                     [("a", 0, b"model", b"predictions")])
+    assert run.model_path("a", 0).read_bytes() == b"model"
+    assert run.predictions_path("a", 0).read_bytes() == b"predictions"
+    assert run.finished_stack("0")["seconds"] == 1.0
+    assert not run.state_path("0").exists()
+
+
+def test_an_unfinished_run_has_no_summary_and_says_how_to_finish(tmp_path):
+    run = RunDir.create(tmp_path, "s")
+    with pytest.raises(MnistlabError, match=r"summary.json: missing.*--resume"):
+        run.read_summary()

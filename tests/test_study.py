@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import mnistlab as ml
 from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study
-from mnistlab.progress import StudyProgress
-from mnistlab.study import plan_stacks, run_study
+from mnistlab.experiment.plan import plan
+from mnistlab.experiment.trials import Experiment
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -48,7 +49,8 @@ def mnist_run(tmp_path_factory):
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(reason=f"real MNIST test set not found in {SHARED_MNIST}")
     out = tmp_path_factory.mktemp("runs")
-    return run_study(small_study(str(SHARED_MNIST)), out=out, display=StudyProgress(live=False))
+    results = ml.study(small_study(str(SHARED_MNIST)), out=out, progress=False)
+    return results.run_dir, results.raw
 
 
 @needs_mnist
@@ -60,6 +62,7 @@ def test_study_writes_the_whole_run_directory(mnist_run):
     for run in ("baseline", "lr1e-3-p0.2", "lr1e-4-p0.6"):
         for seed in (0, 1):
             assert run_dir.model_path(run, seed).is_file()
+            assert run_dir.predictions_path(run, seed).is_file()
         assert (root / "plots" / f"{run}_loss.png").is_file()
         assert (root / "plots" / f"{run}_accuracy.png").is_file()
     assert any((root / "tb").iterdir())
@@ -109,25 +112,24 @@ def test_summary_statistics_are_sane(mnist_run):
 @needs_mnist
 def test_rerunning_study_toml_reproduces_the_numbers(mnist_run, tmp_path):
     run_dir, summary = mnist_run
-    again_dir, again = run_study(
-        load_study(run_dir.config_path),
-        out=tmp_path,
-        display=StudyProgress(live=False),
-        render=False,
-    )
-    assert comparable(again) == comparable(summary)
-    assert again_dir.metrics_path.read_text() == run_dir.metrics_path.read_text()
+    again = ml.study(run_dir.config_path, out=tmp_path, progress=False, report=False)
+    assert comparable(again.raw) == comparable(summary)
+    assert again.run_dir.metrics_path.read_text() == run_dir.metrics_path.read_text()
+    assert load_study(again.run_dir.config_path) == load_study(run_dir.config_path)
 
 
 def test_stacks_group_configurations_by_architecture():
+    wide = RunConfig(name="wide", hidden=(300, 300))
     study = small_study("unused")
-    stacks = plan_stacks(study)
-    names = [[(m.config.name, m.seed) for m in stack] for stack in stacks]
-    assert sorted(n for stack in names for n in stack) == sorted(
+    study = StudyConfig(**{**study.__dict__, "runs": (*study.runs, wide)})
+    jobs = plan(Experiment(study).trials(), size=100)
+    names = [[(m.config.name, m.seed) for m in job.members] for job in jobs]
+    assert sorted(n for job in names for n in job) == sorted(
         (r.name, s) for r in study.runs for s in study.seeds
     )
-    for stack in stacks:
-        assert len({m.config.architecture for m in stack}) == 1
+    assert len(jobs) == 2  # LayerNorm and dropout differ within a stack; hidden sizes do not
+    for job in jobs:
+        assert len({m.config.architecture for m in job.members}) == 1
 
 
 def _study_cmd(*args: str) -> list[str]:

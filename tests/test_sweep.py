@@ -13,28 +13,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+import mnistlab as ml
+from mnistlab.cli import app
 from mnistlab.config import RunConfig, Schedule
 from mnistlab.data.npz import write_npz
 from mnistlab.errors import ConfigError
-from mnistlab.progress import StudyProgress
-from mnistlab.report.sweep import HEATMAP, top_html, top_text
-from mnistlab.sweep import (
-    SWEEP_FILE,
+from mnistlab.experiment.halving import rung_count, rung_schedule
+from mnistlab.experiment.plan import auto_stack_size, member_bytes, plan
+from mnistlab.experiment.sweep import (
     SweepSpec,
-    Trial,
-    auto_stack_size,
     expand,
     load_sweep,
-    member_bytes,
-    plan,
-    run_sweep,
-    rung_count,
-    rung_schedule,
-    sweep_command,
     sweep_from_dict,
     sweep_to_toml,
 )
+from mnistlab.experiment.trials import Trial, from_sweep
+from mnistlab.progress import Progress
+from mnistlab.report.sweep import HEATMAP, top_html, top_text
 
 GRID = """
 name = "grid"
@@ -48,6 +45,12 @@ record_every = 5
 lr = [1e-2, 3e-3, 1e-3, 3e-4]
 dropout = [0.0, 0.3]
 """
+
+
+def named(spec: SweepSpec) -> list[tuple[RunConfig, Schedule]]:
+    """Each configuration of the sweep with the schedule it trains with."""
+    configs, schedules = expand(spec)
+    return [(c, schedules[c.name]) for c in configs]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -90,23 +93,23 @@ def test_sweep_file_mistakes_are_one_line_naming_file_and_key(tmp_path, text, ex
 
 def test_grid_is_the_full_product_with_readable_unique_names(tmp_path):
     text = GRID + "hidden = [[150, 150], [300, 300]]\nlayernorm = [true, false]\n"
-    trials = expand(load_sweep(write(tmp_path, text)))
-    assert len(trials) == 4 * 2 * 2 * 2
-    names = [t.config.name for t in trials]
+    configs, _ = expand(load_sweep(write(tmp_path, text)))
+    assert len(configs) == 4 * 2 * 2 * 2
+    names = [c.name for c in configs]
     assert len(set(names)) == len(names)
     assert names[0] == "lr1e-2_p0_h150x150_ln"
     assert "lr3e-4_p0.3_h300x300_noln" in names
-    by_name = {t.config.name: t.config for t in trials}
+    by_name = {c.name: c for c in configs}
     assert by_name["lr3e-4_p0.3_h300x300_noln"] == RunConfig(
         name="lr3e-4_p0.3_h300x300_noln", lr=3e-4, dropout=0.3, hidden=(300, 300), layernorm=False
     )
 
 
 def test_schedule_fields_vary_per_configuration(tmp_path):
-    trials = expand(load_sweep(write(tmp_path, GRID + "batch_size = [64, 128]\n")))
-    assert {t.schedule.batch_size for t in trials} == {64, 128}
-    assert all(t.schedule.epochs == 3 and t.schedule.record_every == 5 for t in trials)
-    assert any(t.config.name.endswith("_bs64") for t in trials)
+    pairs = named(load_sweep(write(tmp_path, GRID + "batch_size = [64, 128]\n")))
+    assert {s.batch_size for _, s in pairs} == {64, 128}
+    assert all(s.epochs == 3 and s.record_every == 5 for _, s in pairs)
+    assert all(c.name.endswith("_bs64") == (s.batch_size == 64) for c, s in pairs)
 
 
 def test_random_samples_are_seeded_in_range_and_named_by_their_values(tmp_path):
@@ -118,16 +121,16 @@ activation = {choice = ["relu", "gelu"]}
 """
     text = GRID.replace("lr = [1e-2, 3e-3, 1e-3, 3e-4]\n", "") + ranges
     spec = dataclasses.replace(load_sweep(write(tmp_path, text)), samples=12)
-    trials = expand(spec)
-    assert expand(spec) == trials
-    assert expand(dataclasses.replace(spec, sample_seed=1)) != trials
-    lrs = [t.config.lr for t in trials]
+    configs, _ = expand(spec)
+    assert expand(spec)[0] == configs
+    assert expand(dataclasses.replace(spec, sample_seed=1))[0] != configs
+    lrs = [c.lr for c in configs]
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
     assert all(float(f"{lr:.3g}") == lr for lr in lrs)  # names can state the value exactly
     assert min(lrs) < 1e-3 < max(lrs)  # log-uniform: both decades are drawn
-    assert {t.config.activation for t in trials} == {"relu", "gelu"}
-    assert {t.config.dropout for t in trials} <= {0.0, 0.3}  # grid lists act as choices
-    assert all(f"lr{_sci(t.config.lr)}_" in t.config.name for t in trials)
+    assert {c.activation for c in configs} == {"relu", "gelu"}
+    assert {c.dropout for c in configs} <= {0.0, 0.3}  # grid lists act as choices
+    assert all(f"lr{_sci(c.lr)}_" in c.name for c in configs)
 
 
 def _sci(value: float) -> str:
@@ -147,10 +150,12 @@ def test_sweep_toml_round_trips_exactly(tmp_path):
 
 def test_stacks_split_by_architecture_and_schedule_and_size(tmp_path):
     text = GRID + "hidden = [[150, 150], [300, 300]]\nbatch_size = [64, 128]\n"
-    trials = expand(load_sweep(write(tmp_path, text)))
-    stacks = plan(trials, (0, 1), size=5)
+    experiment = from_sweep(load_sweep(write(tmp_path, text)))
+    trials = experiment.trials()
+    stacks = plan(trials, size=5)
     members = [(m.config.name, m.seed) for s in stacks for m in s.members]
-    assert Counter(members) == Counter((t.config.name, s) for t in trials for s in (0, 1))
+    assert Counter(members) == Counter((t.config.name, t.seed) for t in trials)
+    assert {t.seed for t in trials} == {0, 1}
     assert all(len(s.members) <= 5 for s in stacks)
     for stack in stacks:
         assert len({m.config.architecture for m in stack.members}) == 1
@@ -163,15 +168,16 @@ def test_stacks_split_by_architecture_and_schedule_and_size(tmp_path):
 
 def test_stack_size_follows_free_memory(monkeypatch, mnist_dir):
     splits = _tiny_splits(mnist_dir)
-    trials = [Trial(RunConfig(name=f"c{i}"), Schedule()) for i in range(10)]
+    trials = [Trial(RunConfig(name=f"c{i}"), Schedule(), s) for i in range(10) for s in range(3)]
     need = member_bytes(trials[0].config, trials[0].schedule, splits)
     data = 4 * sum(d.images.size for d in (splits.train, splits.val, splits.test))
-    monkeypatch.setattr("mnistlab.sweep.free_bytes", lambda device: 2 * (data + 7 * need))
-    assert auto_stack_size(trials, splits, "cpu", seeds=3) == 7
-    monkeypatch.setattr("mnistlab.sweep.free_bytes", lambda device: 10**15)
-    assert auto_stack_size(trials, splits, "cpu", seeds=3) == 30  # everything in one stack
-    monkeypatch.setattr("mnistlab.sweep.free_bytes", lambda device: 0)
-    assert auto_stack_size(trials, splits, "cpu", seeds=3) == 1
+    free = "mnistlab.experiment.plan.free_bytes"
+    monkeypatch.setattr(free, lambda device: 2 * (data + 7 * need))
+    assert auto_stack_size(trials, splits, "cpu") == 7
+    monkeypatch.setattr(free, lambda device: 10**15)
+    assert auto_stack_size(trials, splits, "cpu") == 30  # everything in one stack
+    monkeypatch.setattr(free, lambda device: 0)
+    assert auto_stack_size(trials, splits, "cpu") == 1
 
 
 def test_member_bytes_counts_adam_state_and_activations(mnist_dir):
@@ -228,14 +234,16 @@ def grid_spec(tiny_data) -> SweepSpec:
 @pytest.fixture(scope="module")
 def full_run(grid_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    return run_sweep(grid_spec, out=out, display=StudyProgress(live=False), render=False)
+    results = ml.sweep(grid_spec, out=out, progress=False, report=False)
+    return results.run_dir, results.raw
 
 
 @pytest.fixture(scope="module")
 def halving_run(grid_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("halving")
     spec = dataclasses.replace(grid_spec, halving=True, stack_size=4)
-    return run_sweep(spec, out=out, display=StudyProgress(live=False), render=False)
+    results = ml.sweep(spec, out=out, progress=False, report=False)
+    return results.run_dir, results.raw
 
 
 def comparable(summary: dict) -> dict:
@@ -264,7 +272,7 @@ def test_sweep_run_directory_has_every_configuration_and_seed_once(full_run):
         acc = c["test_accuracy"]
         assert acc["n"] == 2 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
         assert run_dir.model_path(c["run"], 0).is_file()
-    assert load_sweep(run_dir.root / SWEEP_FILE).stack_size == summary["sweep"]["stack_size"]
+    assert load_sweep(run_dir.sweep_path).stack_size == summary["sweep"]["stack_size"]
     assert summary["sweep"]["winner"] in names
 
 
@@ -307,18 +315,20 @@ def test_resume_skips_finished_stacks_and_ends_with_the_same_numbers(halving_run
     copy = tmp_path / run_dir.root.name
     shutil.copytree(run_dir.root, copy)
     (copy / "summary.json").unlink()
+    cut = json.loads((copy / "checkpoints" / "stack-r1-0.json").read_text())
     (copy / "checkpoints" / "stack-r1-0.json").unlink()  # the last rung was cut short
     finished = (copy / "checkpoints" / "stack-r0-0.json").read_text()
     log = io.StringIO()
-    again_dir, again = run_sweep(None, resume=copy, display=StudyProgress(log), render=False)
-    assert again_dir.root == copy
-    assert comparable(again) == comparable(summary)
+    again = ml.sweep(resume=copy, progress=Progress(log, live=False), report=False)
+    assert again.path == copy
+    assert comparable(again.raw) == comparable(summary)
     assert (copy / "metrics.csv").read_text() == run_dir.metrics_path.read_text()
     assert (copy / "checkpoints" / "stack-r0-0.json").read_text() == finished
-    trained = {
-        line.split(" epoch ")[0] for line in log.getvalue().splitlines() if " epoch " in line
-    }
-    assert trained == {"stack 1/2"}  # rung 0's four stacks and rung 1's second were done
+    # Only the cut stack trained again: rung 0's four stacks and rung 1's second were done.
+    started = [line for line in log.getvalue().splitlines() if line.startswith("training: ")]
+    names = list(dict.fromkeys(r["run"] for r in cut["runs"]))
+    assert started == [f"training: {len(cut['runs'])} models ({len(names)} configurations × "
+                       f"2 seeds): {', '.join(names)}"]
 
 
 def test_top_table_and_heat_map(full_run):
@@ -350,15 +360,18 @@ lr = {{log_uniform = [1e-4, 1e-2]}}
 dropout = {{uniform = [0.0, 0.5]}}
 """
     path = write(tmp_path, text)
-    printed = sweep_command(path, random=3, seeds=1, stack_size=2, out=tmp_path / "runs")
+    result = CliRunner().invoke(app, ["sweep", "--grid", str(path), "--random", "3", "--seeds",
+                                      "1", "--stack-size", "2", "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    printed = result.stdout
     (root,) = (tmp_path / "runs").iterdir()
     summary = json.loads((root / "summary.json").read_text())
     assert len(summary["configs"]) == 3 and summary["seeds"] == [0]
     assert summary["sweep"]["samples"] == 3 and summary["sweep"]["stacks"] == 2
     assert (root / "plots" / HEATMAP).is_file() and (root / "report.html").is_file()
     assert f"results: {root}" in printed and summary["sweep"]["winner"] in printed
-    rerun = load_sweep(root / SWEEP_FILE)
-    assert [t.config.name for t in expand(rerun)] == [c["run"] for c in summary["configs"]]
+    rerun = load_sweep(root / "sweep.toml")
+    assert [c.name for c in expand(rerun)[0]] == [c["run"] for c in summary["configs"]]
 
 
 def test_command_line_options_are_validated_with_the_file(tmp_path):

@@ -1,4 +1,4 @@
-"""The `mnistlab` command. Thin: parse, call one function, print.
+"""The `mnistlab` command. Thin: parse, call the Python API (mnistlab.api), print.
 
 A user mistake (MnistlabError) is one `error: ...` line on stderr and exit code 2,
 never a traceback.
@@ -6,7 +6,6 @@ never a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study, seed_study
+from mnistlab.config import RunConfig
 from mnistlab.errors import MnistlabError
 
 app = typer.Typer(
@@ -59,30 +58,26 @@ DataOpt = Annotated[
 DeviceOpt = Annotated[
     str | None, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps.")
 ]
+EpochsOpt = Annotated[int | None, typer.Option(help="Epochs per run (default 10).")]
 OutOpt = Annotated[Path, typer.Option(help="Folder that receives the run directory.")]
 ResumeOpt = Annotated[
     Path | None,
-    typer.Option(help="Continue an interrupted run directory; ends with the same numbers."),
+    typer.Option(help="Finish an interrupted run directory; ends with the same numbers."),
 ]
-VerboseOpt = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Print the log line every log_every steps.")
-]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print no progress.")]
 
 
-def _run(study: StudyConfig, out: Path, resume: Path | None, verbose: bool) -> None:
-    from mnistlab.progress import StudyProgress
+def _progress(verbose: bool, quiet: bool) -> Any:
+    from mnistlab.progress import Progress
+
+    return Progress(verbose=verbose, quiet=quiet)
+
+
+def _finished(results: Any) -> None:
     from mnistlab.report.table import format_summary
-    from mnistlab.study import run_study
 
-    run_dir, summary = run_study(
-        study, out=out, resume=resume, display=StudyProgress(verbose=verbose)
-    )
-    typer.echo(format_summary(summary))
-    typer.echo(f"results: {run_dir.root}  report: {run_dir.report_path}")
-
-
-def _schedule(base: Schedule, **changes: Any) -> Schedule:
-    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    typer.echo(format_summary(results.raw))
+    typer.echo(f"results: {results.path}  report: {results.report_path}")
 
 
 @app.command()
@@ -93,94 +88,99 @@ def study(
     ] = None,
     data: DataOpt = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per configuration (default 3).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs per run (default 10).")] = None,
+    epochs: EpochsOpt = None,
     device: DeviceOpt = None,
     out: OutOpt = Path("runs"),
     resume: ResumeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print the log line every log_every steps.")
+    ] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run the seed study (five configurations × seeds) or --config's: curves, stats, report."""
-    base = load_study(config) if config else seed_study()
-    changes: dict[str, Any] = {"schedule": _schedule(base.schedule, epochs=epochs)}
-    if data is not None:
-        changes["data"] = data
-    if seeds is not None:
-        changes["seeds"] = tuple(range(seeds))
-    if device is not None:
-        changes["device"] = device
-    _run(dataclasses.replace(base, **changes), out, resume, verbose)
+    import mnistlab as ml
+
+    _finished(ml.study(config, data=data, seeds=seeds, epochs=epochs, device=device, out=out,
+                       resume=resume, progress=_progress(verbose, quiet)))
 
 
 @app.command()
 @user_errors
 def train(
     config: Annotated[
-        Path | None, typer.Option(help="A run TOML: RunConfig fields, [schedule].")
+        Path | None, typer.Option(help="A run TOML: RunConfig fields and a schedule table.")
     ] = None,
-    name: Annotated[str, typer.Option(help="Name of the run.")] = "run",
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 0.001,
-    dropout: Annotated[float, typer.Option(help="Dropout p after the chosen hidden layers.")] = 0.0,
-    layernorm: Annotated[bool, typer.Option(help="LayerNorm after each hidden layer.")] = False,
-    hidden: Annotated[str, typer.Option(help="Hidden sizes, comma separated.")] = "150,150",
-    activation: Annotated[str, typer.Option(help="relu, gelu or tanh.")] = "relu",
+    name: Annotated[
+        str | None, typer.Option(help="Name of the run (default: what it changes).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 0.01).")] = None,
+    dropout: Annotated[
+        float | None, typer.Option(help="Dropout p after the chosen hidden layers.")
+    ] = None,
+    layernorm: Annotated[
+        bool | None, typer.Option("--layernorm/--no-layernorm", help="LayerNorm after each "
+                                  "hidden layer.")
+    ] = None,
+    hidden: Annotated[str | None, typer.Option(help="Hidden sizes, comma separated.")] = None,
+    activation: Annotated[str | None, typer.Option(help="relu, gelu or tanh.")] = None,
     dropout_after: Annotated[
-        str, typer.Option(help="Hidden layers (1-based) followed by dropout.")
-    ] = "2",
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
+        str | None, typer.Option(help="Hidden layers (1-based) followed by dropout.")
+    ] = None,
+    beta1: float | None = None,
+    beta2: float | None = None,
+    eps: float | None = None,
     weight_decay: Annotated[
-        float, typer.Option(help="L2 penalty (torch.optim.Adam semantics).")
-    ] = 0.0,
-    input_norm: Annotated[str, typer.Option(help="scale (to [0,1]) or standardize.")] = "scale",
-    batch_size: int = 128,
-    epochs: int = 10,
-    record_every: int = 75,
-    log_every: int = 250,
+        float | None, typer.Option(help="L2 penalty (torch.optim.Adam semantics).")
+    ] = None,
+    input_norm: Annotated[
+        str | None, typer.Option(help="scale (to 0..1) or standardize.")
+    ] = None,
+    batch_size: int | None = None,
+    epochs: EpochsOpt = None,
+    record_every: int | None = None,
+    log_every: int | None = None,
     drop_last: Annotated[
-        bool, typer.Option(help="Drop the last partial batch of each epoch.")
-    ] = False,
-    seed: Annotated[int, typer.Option(help="Seed for init, batch order and dropout.")] = 0,
-    data: DataOpt = "mnist",
-    val_fraction: float = 0.2,
-    device: DeviceOpt = "auto",
+        bool | None, typer.Option("--drop-last/--keep-last", help="Drop the last partial batch "
+                                  "of each epoch.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for init, batch order and dropout (default 0).")
+    ] = None,
+    data: DataOpt = None,
+    val_fraction: float | None = None,
+    device: DeviceOpt = None,
     out: OutOpt = Path("runs"),
     resume: ResumeOpt = None,
-    verbose: VerboseOpt = True,
+    verbose: Annotated[
+        bool, typer.Option("--verbose/--no-verbose", "-v", help="Print the log line every "
+                           "log_every steps.")
+    ] = True,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Train one configuration with one seed; results land in a run directory."""
-    if config is not None:
-        from mnistlab.config import load_run_study
+    """Train one configuration with one seed; results land in a run directory. Options given
+    here override --config's values."""
+    import mnistlab as ml
 
-        study_config = load_run_study(config, data=data, seed=seed, device=device)
-    else:
-        run = RunConfig(
-            name=name,
-            lr=lr,
-            dropout=dropout,
-            layernorm=layernorm,
-            hidden=_ints(hidden, "--hidden"),
-            activation=activation,
-            dropout_after=_ints(dropout_after, "--dropout-after"),
-            betas=(beta1, beta2),
-            eps=eps,
-            weight_decay=weight_decay,
-            input_norm=input_norm,
-        )
-        schedule = Schedule(batch_size, epochs, record_every, log_every, drop_last)
-        study_config = StudyConfig(
-            name=name,
-            data=data or "mnist",
-            runs=(run,),
-            seeds=(seed,),
-            schedule=schedule,
-            val_fraction=val_fraction,
-            device=device or "auto",
-        )
-    _run(study_config, out, resume, verbose)
+    betas = None
+    if beta1 is not None or beta2 is not None:
+        default = RunConfig().betas
+        betas = (default[0] if beta1 is None else beta1, default[1] if beta2 is None else beta2)
+    options = {
+        "name": name, "lr": lr, "dropout": dropout, "layernorm": layernorm,
+        "hidden": _ints(hidden, "--hidden"), "activation": activation,
+        "dropout_after": _ints(dropout_after, "--dropout-after"), "betas": betas, "eps": eps,
+        "weight_decay": weight_decay, "input_norm": input_norm, "batch_size": batch_size,
+        "epochs": epochs, "record_every": record_every, "log_every": log_every,
+        "drop_last": drop_last, "val_fraction": val_fraction, "device": device,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    _finished(ml.train(config, data=data, seed=seed, out=out, resume=resume,
+                       progress=_progress(verbose, quiet), **given))
 
 
-def _ints(text: str, option: str) -> tuple[int, ...]:
+def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -217,13 +217,12 @@ def data_check(
 @app.command()
 @user_errors
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory made by study/train.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by study/train/sweep.")],
 ) -> None:
     """Re-render plots, TensorBoard files and report.html from a run directory alone."""
-    from mnistlab.report import render
-    from mnistlab.runs import RunDir
+    import mnistlab as ml
 
-    typer.echo(f"report: {render(RunDir.existing(run_dir))}")
+    typer.echo(f"report: {ml.render(run_dir)}")
 
 
 @app.command()
@@ -235,10 +234,20 @@ def evaluate(
         Path | None, typer.Option(help="Folder for the confusion/misclassified PNGs.")
     ] = None,
 ) -> None:
-    """Test accuracy, per-class precision/recall, confusion matrix, worst errors."""
-    from mnistlab.evaluate import evaluate_command
+    """Test accuracy, per-class precision/recall, confusion matrix, worst errors.
 
-    typer.echo(evaluate_command(target, data, out))
+    A run directory's winner is read from its stored test predictions (no data needed); with
+    --data, its checkpoint is scored on that source instead.
+    """
+    import mnistlab as ml
+    from mnistlab.report.table import format_evaluation
+
+    scored = ml.evaluate(target, data=data, plots=out)
+    lines = [f"checkpoint: {scored.model}", f"data: {scored.data}"]
+    lines += [scored.note] if scored.note else []
+    lines += [format_evaluation(scored.evaluation, scored.classes)]
+    lines += [f"wrote {p}" for p in scored.plots]
+    typer.echo("\n".join(lines))
 
 
 @app.command()
@@ -255,7 +264,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Predict digits in image files, or a whole CSV into a Kaggle submission."""
-    from mnistlab.predict import predict_command
+    from mnistlab.inference import predict_command
 
     text, code = predict_command(checkpoint, list(images or []), csv, submission, as_json)
     typer.echo(text)
@@ -279,7 +288,7 @@ def export(
 @user_errors
 def sweep(
     grid: Annotated[
-        Path | None, typer.Option(help="A sweep TOML: base config, [grid], [random].")
+        Path | None, typer.Option(help="A sweep TOML: a base table, grid and random tables.")
     ] = None,
     random: Annotated[
         int | None, typer.Option("--random", help="Sample N configurations from [random] ranges.")
@@ -295,31 +304,25 @@ def sweep(
         str | None, typer.Option(help="Run the stacks on a Ray cluster: auto or HOST:PORT.")
     ] = None,
     data: DataOpt = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs per run.")] = None,
+    epochs: EpochsOpt = None,
     device: DeviceOpt = None,
     out: OutOpt = Path("runs"),
     resume: ResumeOpt = None,
-    verbose: VerboseOpt = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print the log line every log_every steps.")
+    ] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Sweep a grid or random sample of configurations × seeds, here or on a Ray cluster."""
-    from mnistlab.sweep import sweep_command
+    import mnistlab as ml
+    from mnistlab.report.sweep import top_text
 
-    typer.echo(
-        sweep_command(
-            grid,
-            random=random,
-            seeds=seeds,
-            stack_size=stack_size,
-            halving=halving,
-            ray_address=ray_address,
-            data=data,
-            epochs=epochs,
-            device=device,
-            out=out,
-            resume=resume,
-            verbose=verbose,
-        )
-    )
+    results = ml.sweep(grid, random=random, seeds=seeds, stack_size=stack_size,
+                       halving=halving or None, ray_address=ray_address, data=data,
+                       epochs=epochs, device=device, out=out, resume=resume,
+                       progress=_progress(verbose, quiet))
+    typer.echo(top_text(results.raw))
+    typer.echo(f"results: {results.path}  report: {results.report_path}")
 
 
 def main() -> None:

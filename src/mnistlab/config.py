@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,11 @@ class Schedule:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A list of configurations, each trained with every seed, on one data split."""
+    """A list of configurations, each trained with every seed, on one data split.
+
+    `stack_size`: models per engine stack; 0 sizes stacks from free memory, and the run
+    directory records the size used, so a resumed run cuts the same stacks.
+    """
 
     name: str = "study"
     data: str = "mnist"
@@ -103,6 +108,7 @@ class StudyConfig:
     val_fraction: float = 0.2
     split_seed: int = 0
     device: str = "auto"
+    stack_size: int = 0
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -114,6 +120,8 @@ class StudyConfig:
             raise ConfigError(f"study '{self.name}': seeds must be distinct, got {self.seeds}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.stack_size < 0:
+            raise ConfigError(f"stack_size must be >= 0 (0: from memory), got {self.stack_size}")
 
 
 def _lr_dropout(name: str, lr: float, dropout: float) -> RunConfig:
@@ -155,7 +163,42 @@ def run_config_from_dict(values: dict[str, Any], where: str = "run") -> RunConfi
     return _tupled(RunConfig, values, where)
 
 
-def study_from_dict(values: dict[str, Any], where: str = "study") -> StudyConfig:
+SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(Schedule))
+
+
+def with_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A TOML file's values with the command line's on top (flags override files).
+
+    Schedule fields (epochs, batch_size, ...) go into the `[schedule]` table; the rest are
+    top-level keys. The result is validated as if the file held it.
+    """
+    values = dict(values)
+    for key, value in overrides.items():
+        schedule = values.get("schedule", {})
+        if key in SCHEDULE_FIELDS and isinstance(schedule, dict):
+            values["schedule"] = {**schedule, key: value}
+        else:
+            values[key] = value
+    return values
+
+
+def seed_list(seeds: Any, where: str) -> tuple[int, ...]:
+    """`seeds` as a count (3 → 0, 1, 2) or a list of distinct integers."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if (
+        not isinstance(seeds, list | tuple)
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise ConfigError(
+            f"{where}: seeds must be a count or a list of distinct integers, got {seeds!r}"
+        )
+    return tuple(seeds)
+
+
+def study_from_dict(values: Mapping[str, Any], where: str = "study") -> StudyConfig:
     values = dict(values)
     runs = values.pop("runs", [])
     schedule = _tupled(Schedule, values.pop("schedule", {}), f"{where} [schedule]")
@@ -165,6 +208,8 @@ def study_from_dict(values: dict[str, Any], where: str = "study") -> StudyConfig
         else run_config_from_dict(r, f"{where} run")
         for r in runs
     )
+    if "seeds" in values:
+        values["seeds"] = seed_list(values["seeds"], where)
     return _tupled(StudyConfig, {**values, "runs": runs, "schedule": schedule}, where)
 
 
@@ -195,32 +240,25 @@ def read_toml(path: Path, kind: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read a study TOML; a malformed file is a one-line ConfigError naming it."""
+def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudyConfig:
+    """Read a study TOML, with `overrides` on top; a mistake is a one-line ConfigError."""
     path = Path(path)
-    values = read_toml(path, "study")
+    values = with_overrides(read_toml(path, "study"), overrides or {})
     return study_from_dict(values, where=str(path))
 
 
-def load_run_study(
-    path: str | Path, *, data: str | None, seed: int, device: str | None
-) -> StudyConfig:
-    """A one-run study from a run TOML (RunConfig fields, optional [schedule], data, val_fraction).
+STUDY_KEYS = ("data", "val_fraction", "split_seed", "device", "stack_size")
 
-    A file holding `[[runs]]` is read as a whole study instead.
-    """
-    path = Path(path)
-    values = read_toml(path, "run")
+
+def run_study_from_dict(values: Mapping[str, Any], where: str = "run") -> StudyConfig:
+    """A one-run study from a run's values: RunConfig fields, `[schedule]`, `seed` and the
+    study's data/split/device keys. Values holding `runs` are read as a whole study instead."""
     if "runs" in values:
-        return study_from_dict(values, where=str(path))
-    schedule = _tupled(Schedule, values.pop("schedule", {}), f"{path} [schedule]")
-    study_keys = {k: values.pop(k) for k in ("data", "val_fraction", "split_seed") if k in values}
-    run = run_config_from_dict(values, where=str(path))
-    return StudyConfig(
-        name=run.name,
-        runs=(run,),
-        seeds=(seed,),
-        schedule=schedule,
-        device=device or "auto",
-        **{"data": data or "mnist", **study_keys},
-    )
+        return study_from_dict(values, where)
+    values = dict(values)
+    schedule = _tupled(Schedule, values.pop("schedule", {}), f"{where} [schedule]")
+    study = {k: values.pop(k) for k in STUDY_KEYS if k in values}
+    seeds = seed_list([values.pop("seed", 0)], where)
+    run = run_config_from_dict(values, where)
+    values = {"name": run.name, "runs": (run,), "seeds": seeds, "schedule": schedule, **study}
+    return _tupled(StudyConfig, values, where)

@@ -1,58 +1,64 @@
-"""What a running study shows: a live bar on a terminal, one plain line per record otherwise."""
+"""What a running experiment shows: a live bar on a terminal or in a notebook, plain lines in logs.
+
+`Progress` receives an executor's reports (see experiment.executor.Watcher): notes, the start and
+end of each engine stack, every record and log line. `Progress(quiet=True)` shows nothing.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as Bar
 
 
-class StudyProgress:
-    """Receives the engine's record and log events for each stack of a study.
+def _can_redraw(console: Console) -> bool:
+    """A live bar needs a terminal, or a notebook with ipywidgets (Rich draws into a widget)."""
+    if console.is_jupyter:
+        return importlib.util.find_spec("ipywidgets") is not None
+    return console.is_terminal
 
-    On a terminal: one bar per stack, with the epoch and the best validation accuracy so far.
-    Not on a terminal (CI logs, files): one line per record, no bar redraws. `verbose` adds the
-    seed-style log line every `log_every` iterations.
-    """
 
-    def __init__(
-        self, stream: TextIO | None = None, *, verbose: bool = False, live: bool | None = None
-    ):
+class Progress:
+    """One bar per stack, with the epoch and the best validation accuracy so far; where the
+    output cannot be redrawn (CI logs, files), one line per record. `verbose` adds the seed
+    study's log line every `log_every` iterations; `quiet` shows nothing at all."""
+
+    def __init__(self, stream: TextIO | None = None, *, verbose: bool = False,
+                 quiet: bool = False, live: bool | None = None):
         self.stream = stream or sys.stderr
         self.console = Console(file=self.stream, highlight=False)
-        self.verbose = verbose
-        self.live = self.stream.isatty() if live is None else live
-        self._bar: Progress | None = None
+        self.verbose, self.quiet = verbose, quiet
+        self.live = _can_redraw(self.console) if live is None else live
+        self._bar: Bar | None = None
         self._task: Any = None
         self._label = ""
         self._best: dict[str, float] = {}
 
     def note(self, text: str) -> None:
-        self.console.print(text, markup=False, soft_wrap=True)
+        if not self.quiet:
+            self.console.print(text, markup=False, soft_wrap=True)
 
-    def start_stack(
-        self, index: int, count: int, names: list[str], models: int, total_steps: int
-    ) -> None:
-        """`names`: the configurations in the stack; `models`: configurations × seeds."""
-        self._label = f"stack {index + 1}/{count}"
+    def stack_started(self, index: int, count: int, configurations: Sequence[str], models: int,
+                      steps: int) -> None:
+        self._label = f"stack {index + 1}/{count}" if count > 1 else "training"
         self._best = {}
-        configs = f"{len(names)} configurations ({', '.join(names)})"
-        self.note(f"{self._label}: {models} models, {configs}")
-        if self.live:
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=False,
-            )
+        seeds = models // len(configurations)
+        shape = (f"{len(configurations)} configuration{'s' * (len(configurations) != 1)} × "
+                 f"{seeds} seed{'s' * (seeds != 1)}")
+        self.note(f"{self._label}: {models} model{'s' * (models != 1)} ({shape}): "
+                  + ", ".join(configurations))
+        if self.live and not self.quiet:
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(bar_width=24),
+                            MofNCompleteColumn(), TimeRemainingColumn(), console=self.console)
             self._bar.start()
-            self._task = self._bar.add_task(self._label, total=total_steps)
+            self._task = self._bar.add_task(self._label, total=steps)
 
-    def on_record(self, event: Any) -> None:
+    def record(self, event: Any) -> None:
         for row in event.rows:
             if row["split"] == "val":
                 key = f"{row['run']} seed{row['seed']}"
@@ -65,11 +71,11 @@ class StudyProgress:
         else:
             self.note(text)
 
-    def on_log(self, line: str) -> None:
+    def log(self, line: str) -> None:
         if self.verbose:
             self.note(line)
 
-    def end_stack(self) -> None:
+    def stack_finished(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -1,74 +1,37 @@
-"""The run directory: every result of a study on disk, each file written atomically.
+"""The run directory: every result of an experiment on disk, laid out in one place.
 
-A write goes to a temp file in the same folder, is flushed and fsynced, then renamed over the
-target, so a crash or a full disk leaves the previous version intact and never a half-written file.
+    study.toml   the configurations, seeds, schedule and split (re-runs a study)
+    sweep.toml   a sweep's own file, when a sweep made the directory (re-runs the sweep)
+    env.json     versions, device, git revision       metrics.csv   long-format records
+    summary.json per model and per configuration, with the statistics
+    checkpoints/ <run>-seed<k>.safetensors; stack-<key>.json (a finished stack's results) and
+                 state-<key>.safetensors (an unfinished stack's resume state)
+    predictions/ <run>-seed<k>.safetensors: each model's answer for every test image
+    plots/, report.html, tb/   rendered from the files above alone
+
+Every file is written atomically (mnistlab.atomic); a stack's models and predictions are written
+before its done file, so a crash never leaves a stack that looks finished but is not.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import errno
 import io
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mnistlab._version import __version__
+from mnistlab.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mnistlab.errors import MnistlabError
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 METRIC_COLUMNS = ("run", "seed", "step", "epoch", "split", "loss", "accuracy")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, on failure remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be as readable as any file
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MnistlabError(
-                f"{path}: disk full while writing; free space and rerun "
-                "(--resume RUN_DIR continues from the last checkpoint); "
-                "nothing already written was lost"
-            ) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, value: Any) -> None:
-    """JSON written atomically. A diverged run's metrics are NaN, written as the `NaN` token that
-    Python, pandas and JavaScript's JSON5 read (strict parsers need `allow_nan` or equivalent)."""
-    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def metrics_csv(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -99,7 +62,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         ]
 
 
-def environment(seed_info: Mapping[str, Any] | None = None, device: str = "") -> dict[str, Any]:
+def environment(extra: Mapping[str, Any] | None = None, device: str = "") -> dict[str, Any]:
     """Versions, device and git revision: what it takes to say where a number came from."""
     import numpy
     import torch
@@ -114,8 +77,6 @@ def environment(seed_info: Mapping[str, Any] | None = None, device: str = "") ->
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    from mnistlab import __version__
-
     return {
         "mnistlab": __version__,
         "python": sys.version.split()[0],
@@ -129,26 +90,30 @@ def environment(seed_info: Mapping[str, Any] | None = None, device: str = "") ->
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_rev": rev or None,
         "created": datetime.now().isoformat(timespec="seconds"),
-        **dict(seed_info or {}),
+        **dict(extra or {}),
     }
 
 
 class RunDir:
-    """Paths and writers of one run directory (layout in DESIGN.md)."""
+    """Paths, readers and writers of one run directory."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     @classmethod
     def create(cls, out: str | Path, name: str) -> RunDir:
+        """A new `<out>/<name>-<stamp>[-k]`, claimed by mkdir itself: two processes starting at
+        the same second get two directories."""
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        root = Path(out) / f"{name}-{stamp}"
-        suffix = 1
-        while root.exists():
-            suffix += 1
-            root = Path(out) / f"{name}-{stamp}-{suffix}"
-        root.mkdir(parents=True)
-        return cls(root)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for suffix in range(1, 10_000):
+            root = Path(out) / (f"{name}-{stamp}" + (f"-{suffix}" if suffix > 1 else ""))
+            try:
+                root.mkdir()
+            except FileExistsError:
+                continue
+            return cls(root)
+        raise MnistlabError(f"{out}: cannot find a free run directory name for {name}-{stamp}")
 
     @classmethod
     def existing(cls, root: str | Path) -> RunDir:
@@ -160,17 +125,58 @@ class RunDir:
         return run
 
     config_path = property(lambda self: self.root / "study.toml")
+    sweep_path = property(lambda self: self.root / "sweep.toml")
     env_path = property(lambda self: self.root / "env.json")
     metrics_path = property(lambda self: self.root / "metrics.csv")
     summary_path = property(lambda self: self.root / "summary.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
+    predictions = property(lambda self: self.root / "predictions")
     plots = property(lambda self: self.root / "plots")
     report_path = property(lambda self: self.root / "report.html")
     tensorboard = property(lambda self: self.root / "tb")
-    state_path = property(lambda self: self.root / "checkpoints" / "state.safetensors")
 
     def model_path(self, run: str, seed: int) -> Path:
         return self.checkpoints / f"{run}-seed{seed}.safetensors"
+
+    def predictions_path(self, run: str, seed: int) -> Path:
+        return self.predictions / f"{run}-seed{seed}.safetensors"
+
+    def state_path(self, stack: str) -> Path:
+        """The engine's resume state of an unfinished stack."""
+        return self.checkpoints / f"state-{stack}.safetensors"
+
+    def _done_path(self, stack: str) -> Path:
+        return self.checkpoints / f"stack-{stack}.json"
+
+    def finished_stack(self, stack: str) -> dict[str, Any] | None:
+        """The recorded results of a finished stack, or None when it has not finished."""
+        path = self._done_path(stack)
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def record_stack(
+        self,
+        stack: str,
+        results: Mapping[str, Any],
+        files: Iterable[tuple[str, int, bytes, bytes]],
+    ) -> None:
+        """Write each (run, seed)'s model and predictions, then the done file that marks the
+        stack finished; its resume state is no longer needed."""
+        for run, seed, model, predictions in files:
+            atomic_write_bytes(self.model_path(run, seed), model)
+            atomic_write_bytes(self.predictions_path(run, seed), predictions)
+        atomic_write_json(self._done_path(stack), dict(results))
+        self.state_path(stack).unlink(missing_ok=True)
+
+    def write_config(self, study_toml: str, sweep_toml: str | None = None) -> None:
+        """study.toml, and a sweep's sweep.toml: what re-runs the experiment."""
+        atomic_write_text(self.config_path, study_toml)
+        if sweep_toml is not None:
+            atomic_write_text(self.sweep_path, sweep_toml)
+
+    def write_env(self, env: Mapping[str, Any]) -> None:
+        atomic_write_json(self.env_path, dict(env))
 
     def write_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         atomic_write_text(self.metrics_path, metrics_csv(rows))
@@ -182,4 +188,10 @@ class RunDir:
         atomic_write_json(self.summary_path, summary)
 
     def read_summary(self) -> dict[str, Any]:
+        """summary.json, which exists once the run has finished; else a one-line error."""
+        if not self.summary_path.is_file():
+            raise MnistlabError(
+                f"{self.summary_path}: missing, so the run has not finished; finish it with "
+                f"`mnistlab study --resume {self.root}` (or sweep/train --resume)"
+            )
         return json.loads(self.summary_path.read_text(encoding="utf-8"))

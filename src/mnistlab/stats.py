@@ -134,3 +134,18 @@ def convergence_step(
         return None
     reached = np.flatnonzero(acc >= fraction * acc[-1])
     return int(steps[reached[0]])
+
+
+def winner(summary: Mapping[str, Any]) -> str | None:
+    """The configuration a run directory reports as its best: a sweep's ranked winner, else the
+    comparisons' best."""
+    sweep = summary.get("sweep")
+    return sweep["winner"] if sweep else summary.get("comparisons", {}).get("best")
+
+
+def winner_seed(summary: Mapping[str, Any]) -> int | None:
+    """The seed of the winner whose model is shown (confusion matrix, errors, `evaluate`)."""
+    best = winner(summary)
+    rows = [r for r in summary.get("runs", [])
+            if r["run"] == best and math.isfinite(r.get("test_accuracy") or math.nan)]
+    return max(rows, key=lambda r: r["test_accuracy"])["seed"] if rows else None

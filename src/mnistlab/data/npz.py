@@ -6,16 +6,17 @@ Loaded with allow_pickle=False: an archive is data, never code. Images must be i
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from mnistlab.data.dataset import DIGITS, Dataset
+from mnistlab.atomic import atomic_path
+from mnistlab.data.dataset import DIGITS, Dataset, Source
 from mnistlab.data.idx import cannot_read
 from mnistlab.errors import DataError
-from mnistlab.runs import atomic_path
 
 PARTS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 SAVE_HELP = "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
@@ -122,6 +123,30 @@ def read_npz(path: str | Path, classes: tuple[str, ...] = DIGITS) -> tuple[Datas
         train = _part(archive, "train", path, classes)
         has_test = any(key in archive.files for key in PARTS["test"])
         return train, _part(archive, "test", path, classes) if has_test else None
+
+
+def arrays_source(images: np.ndarray, labels: np.ndarray,
+                  classes: tuple[str, ...] = DIGITS) -> Source:
+    """In-memory images (N, H, W) or flattened square rows (N, H*W), grey levels 0..255, and
+    class indices, checked as an archive's arrays are. Named by their content, so a run that
+    trained on them records which arrays it needs again to resume."""
+    where = "in-memory arrays"
+    images, labels = np.asarray(images), np.asarray(labels)
+    side = int(np.sqrt(images.shape[1])) if images.ndim == 2 else 0
+    if images.ndim == 2 and side * side == images.shape[1]:
+        images = images.reshape(len(images), side, side)
+    if images.dtype.kind == "f":
+        raise DataError(where, f"images are {images.dtype}, expected integers 0..255",
+                        "pass uint8 grey levels, e.g. (x * 255).round().astype('uint8')")
+    _check(images, "images", 3, 255, where)
+    _check(labels, "labels", 1, len(classes) - 1, where)
+    if len(labels) != len(images):
+        raise DataError(where, f"{len(labels)} labels for {len(images)} images",
+                        "pass one label per image")
+    images, labels = images.astype(np.uint8), labels.astype(np.int64)
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
+    name = f"{where} ({len(images)} images, sha256 {digest})"
+    return Source(name, Dataset(images, labels, classes, origin=where))
 
 
 def write_npz(path: str | Path, train: Dataset, test: Dataset | None = None) -> None:

@@ -39,7 +39,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mnistlab import __version__
+from mnistlab._version import __version__
 from mnistlab.data.dataset import DIGITS
 from mnistlab.errors import MnistlabError
 

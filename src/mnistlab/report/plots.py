@@ -18,9 +18,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
-from mnistlab.data.dataset import Dataset
-from mnistlab.evaluate import Evaluation
-from mnistlab.runs import atomic_path
+from mnistlab.atomic import atomic_path
+from mnistlab.evaluation import Evaluation
 
 SPLIT_STYLE = {"train": ("tab:blue", "training"), "val": ("tab:orange", "validation")}
 DPI = 110
@@ -114,11 +113,16 @@ def _iteration_label(steps_per_epoch: int | None) -> str:
 
 def compare_curves(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metric: str,
                    folder: Path, steps_per_epoch: int | None = None) -> Path:
-    """`compare_val_<metric>.png`: every configuration's validation curve, whole run and zoomed.
+    """`compare_val_<metric>.png`: every configuration's validation curve, whole run and zoomed."""
+    figure = comparison_figure(rows, runs, metric, steps_per_epoch)
+    return save_figure(figure, folder / f"compare_val_{metric}.png")
 
-    The right panel shows the second half of training only, where the configurations are close
-    and the full-range axis would hide their differences.
-    """
+
+def comparison_figure(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metric: str,
+                      steps_per_epoch: int | None = None) -> Figure:
+    """Every configuration's validation curve (mean over seeds, min–max band), whole run and
+    zoomed: the right panel shows the second half of training only, where the configurations
+    are close and the full-range axis would hide their differences."""
     fig = new_figure(12, 4.5)
     full, zoom = fig.subplots(1, 2)
     colors = _colors(len(runs))
@@ -135,7 +139,7 @@ def compare_curves(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metri
         ax.set_xlabel(_iteration_label(steps_per_epoch))
         _style_metric_axis(ax, metric)
     full.legend(loc="best", fontsize="small")
-    return save_figure(fig, folder / f"compare_val_{metric}.png")
+    return fig
 
 
 def _colors(n: int) -> list:
@@ -192,8 +196,7 @@ def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str) ->
     return save_figure(fig, path)
 
 
-def misclassified(ev: Evaluation, dataset: Dataset, classes: Sequence[str], path: Path,
-                  title: str) -> Path:
+def misclassified(ev: Evaluation, classes: Sequence[str], path: Path, title: str) -> Path:
     """Grid of the most confident errors, each titled with true class, prediction, confidence."""
     cols = 5
     rows = max(1, -(-len(ev.worst) // cols))
@@ -207,7 +210,7 @@ def misclassified(ev: Evaluation, dataset: Dataset, classes: Sequence[str], path
         ax.set_axis_off()
         if k < len(ev.worst):
             m = ev.worst[k]
-            ax.imshow(dataset.images[m.index], cmap="gray_r", vmin=0, vmax=255)
+            ax.imshow(m.image, cmap="gray_r", vmin=0, vmax=255)
             ax.set_title(f"true: {classes[m.true]}\npred: {classes[m.predicted]}\n"
                          f"{m.confidence:.1%}  #{m.index}", fontsize=8)
     if not ev.worst:
@@ -215,11 +218,11 @@ def misclassified(ev: Evaluation, dataset: Dataset, classes: Sequence[str], path
     return save_figure(fig, path)
 
 
-def evaluation_plots(ev: Evaluation, dataset: Dataset, classes: Sequence[str], folder: Path,
+def evaluation_plots(ev: Evaluation, classes: Sequence[str], folder: Path,
                      name: str) -> list[Path]:
     """`confusion_<name>.png` and `misclassified_<name>.png` for one evaluated model."""
     stem = safe_name(name)
     return [
         confusion(ev, classes, folder / f"confusion_{stem}.png", f"{name}: confusion matrix"),
-        misclassified(ev, dataset, classes, folder / f"misclassified_{stem}.png", name),
+        misclassified(ev, classes, folder / f"misclassified_{stem}.png", name),
     ]

@@ -5,7 +5,6 @@ Both read only summary.json, so `mnistlab report RUN_DIR` re-renders them from d
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from html import escape
@@ -14,11 +13,10 @@ from typing import Any
 
 import numpy as np
 from matplotlib.ticker import PercentFormatter
-from rich.console import Console
-from rich.table import Table
 
 from mnistlab.report.html import mean_ci, pct, table
 from mnistlab.report.plots import new_figure, save_figure
+from mnistlab.report.table import new_table, plain_text
 
 HEATMAP = "sweep_heatmap.png"
 TOP_HEADER = (
@@ -76,14 +74,12 @@ def _footer(summary: Mapping[str, Any]) -> str:
 
 def top_text(summary: Mapping[str, Any], n: int = 10, width: int = 110) -> str:
     """The top-n table for a terminal."""
-    grid = Table(title=f"{summary['study']} on {summary['data']}: top {n}")
-    for column in TOP_HEADER:
-        grid.add_column(column, justify="left" if column == "configuration" else "right")
+    grid = new_table(f"{summary['study']} on {summary['data']}: top {n}", (),
+                     TOP_HEADER)
+    grid.columns[1].justify = "left"  # the configuration's name
     for row in _rows(summary, n):
         grid.add_row(*row)
-    buffer = io.StringIO()
-    Console(file=buffer, width=width, force_terminal=False).print(grid)
-    return buffer.getvalue().rstrip() + "\n" + _footer(summary)
+    return plain_text(grid, _footer(summary), width=width)
 
 
 def top_html(summary: Mapping[str, Any], n: int = 10) -> str:

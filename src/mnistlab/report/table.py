@@ -1,12 +1,33 @@
-"""The summary table printed at the end of a study."""
+"""Tables for the terminal: a run's summary, an evaluation. Plain text, no escape codes."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from mnistlab import stats
+from mnistlab.evaluation import Evaluation
+
+
+def plain_text(*parts: Any, width: int = 100) -> str:
+    """Rich tables and strings printed to plain text (no colour, no markup)."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, highlight=False)
+    for part in parts:
+        console.print(part, markup=False)
+    return buffer.getvalue().rstrip()
+
+
+def new_table(title: str, left: Sequence[str], right: Sequence[str]) -> Table:
+    """A table whose label columns are left-aligned and number columns right-aligned."""
+    table = Table(*left, title=title)
+    for name in right:
+        table.add_column(name, justify="right")
+    return table
 
 
 def _ci(stat: dict[str, Any]) -> str:
@@ -17,20 +38,13 @@ def _ci(stat: dict[str, Any]) -> str:
 def format_summary(summary: dict[str, Any], width: int = 100) -> str:
     """Configuration, validation and test accuracy (mean ± 95% CI half-width), time per model."""
     seeds = len(summary["seeds"])
-    table = Table(title=f"{summary['study']} on {summary['data']} — {seeds} seed(s), 95% CI (t)")
-    for column in (
-        "configuration",
-        "final val acc",
-        "best val acc",
-        "test acc",
-        "s / model",
-        "diverged",
-    ):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
-    seconds = {}
+    table = new_table(f"{summary['study']} on {summary['data']} — {seeds} seed(s), 95% CI (t)",
+                      ("configuration",),
+                      ("final val acc", "best val acc", "test acc", "s / model", "diverged"))
+    seconds: dict[str, list[float]] = {}
     for run in summary["runs"]:
         seconds.setdefault(run["run"], []).append(run["seconds"])
-    best = summary["comparisons"].get("best")
+    best = stats.winner(summary)
     for config in summary["configs"]:
         name = config["run"]
         table.add_row(
@@ -41,7 +55,21 @@ def format_summary(summary: dict[str, Any], width: int = 100) -> str:
             f"{sum(seconds[name]) / len(seconds[name]):.1f}",
             str(config["diverged"]),
         )
-    buffer = io.StringIO()
-    Console(file=buffer, width=width, force_terminal=False).print(table)
     footer = f"* best by mean test accuracy; {summary['comparisons'].get('test', '')}"
-    return buffer.getvalue().rstrip() + "\n" + footer
+    return plain_text(table, footer, width=width)
+
+
+def format_evaluation(ev: Evaluation, classes: Sequence[str], worst: int = 10) -> str:
+    """Totals, per-class scores, confusion matrix and the most confident errors."""
+    per_class = new_table("per class", ("class",), ("precision", "recall", "F1", "support"))
+    for name, p, r, f, s in zip(classes, ev.precision, ev.recall, ev.f1, ev.support, strict=True):
+        per_class.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
+    confusion = new_table("confusion matrix (rows: true class)", ("true \\ pred",), classes)
+    for name, row in zip(classes, ev.confusion, strict=True):
+        confusion.add_row(name, *(str(c) for c in row))
+    mistakes = new_table("most confident errors", ("true", "predicted"), ("confidence", "index"))
+    for m in ev.worst[:worst]:
+        mistakes.add_row(classes[m.true], classes[m.predicted], f"{m.confidence:.1%}", str(m.index))
+    totals = (f"accuracy {ev.accuracy:.4f}   loss {ev.loss:.4f}   "
+              f"({int(ev.support.sum())} images)")
+    return plain_text(totals, per_class, confusion, mistakes, width=120)

@@ -21,13 +21,13 @@ from mnistlab.data.csv import write_csv
 from mnistlab.data.dataset import Dataset
 from mnistlab.data.idx import read_idx
 from mnistlab.errors import CheckpointError, DataError, MnistlabError
-from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
-from mnistlab.predict import (
+from mnistlab.inference import (
     predict_command,
     predict_csv,
     predict_images,
     preprocess_image,
 )
+from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
 
 TRAIN_ROWS = 8000  # of the 10k MNIST test images; the other 2000 are held out
 

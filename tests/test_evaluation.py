@@ -9,11 +9,13 @@ from PIL import Image
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
+import mnistlab as ml
 from mnistlab.config import RunConfig
 from mnistlab.data import Dataset, load
 from mnistlab.errors import DataError, MnistlabError
-from mnistlab.evaluate import evaluate, evaluate_command, format_evaluation, logits
+from mnistlab.evaluation import Predictions, evaluate, evaluation, logits, predictions
 from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
+from mnistlab.report.table import format_evaluation
 
 SMALL = {"hidden": (64,), "dropout_after": (1,)}  # trains in about a second on two cores
 
@@ -102,6 +104,22 @@ def test_worst_errors_are_the_most_confident_mistakes(checkpoint, data):
     m = ev.worst[0]
     assert (m.true, m.predicted) == (held.labels[m.index], predicted[m.index].item())
     assert m.confidence == pytest.approx(confidence[m.index].item())
+    assert np.array_equal(m.image, held.images[m.index])  # the grid needs no data set
+
+
+def test_stored_predictions_give_the_same_evaluation(checkpoint, data, tmp_path):
+    """What a run directory keeps of a model's test pass scores exactly as the model does."""
+    ckpt, held = load_checkpoint(checkpoint), data[1]
+    path = tmp_path / "mlp-seed0.safetensors"
+    path.write_bytes(predictions(ckpt, held).to_bytes())
+    stored, direct = evaluation(Predictions.load(path)), evaluate(ckpt, held)
+    assert stored.accuracy == direct.accuracy
+    assert np.array_equal(stored.confusion, direct.confusion)
+    assert stored.loss == pytest.approx(direct.loss, rel=1e-6)
+    assert [m[:4] for m in stored.worst] == [m[:4] for m in direct.worst]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(stored.worst, direct.worst,
+                                                                strict=True))
+    assert path.stat().st_size < 12 * len(held) + 25 * 28 * 28 + 2000  # compact: no logits
 
 
 def test_inference_is_batched_deterministic_and_in_eval_mode(checkpoint, data):
@@ -110,7 +128,10 @@ def test_inference_is_batched_deterministic_and_in_eval_mode(checkpoint, data):
     images = data[1].images[:100]
     assert torch.allclose(logits(ckpt, images, batch_size=7), logits(ckpt, images), atol=1e-6)
     first, second = evaluate(ckpt, data[1]), evaluate(ckpt, data[1])
-    assert first.loss == second.loss and first.worst == second.worst
+    assert first.loss == second.loss
+    assert [m[:4] for m in first.worst] == [m[:4] for m in second.worst]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first.worst, second.worst,
+                                                                strict=True))
 
 
 def test_unusable_data_is_a_one_line_error_naming_it():
@@ -137,14 +158,16 @@ def test_format_evaluation_shows_every_table(checkpoint, data):
     assert "\x1b[" not in text  # plain text, no terminal escape codes
 
 
-def test_evaluate_command_on_a_checkpoint(checkpoint, mnist_dir, tmp_path):
-    text = evaluate_command(checkpoint, str(mnist_dir), tmp_path)
-    # MNIST's t10k alone has no test part: scored on its training part, and the text says so.
-    assert "no labelled test part" in text and "(10000 images)" in text
-    for name in ("confusion_mlp-seed0.png", "misclassified_mlp-seed0.png"):
-        with Image.open(tmp_path / name) as image:
+def test_evaluate_a_checkpoint(checkpoint, mnist_dir, tmp_path):
+    scored = ml.evaluate(checkpoint, data=str(mnist_dir), plots=tmp_path)
+    # MNIST's t10k alone has no test part: scored on its training part, and the note says so.
+    assert "no labelled test part" in scored.note and "(10000 images)" in scored.data
+    assert scored.evaluation.support.sum() == 10000
+    assert sorted(p.name for p in scored.plots) == ["confusion_mlp-seed0.png",
+                                                    "misclassified_mlp-seed0.png"]
+    for path in scored.plots:
+        with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 300
-        assert f"wrote {tmp_path / name}" in text
 
 
 def test_evaluate_cli(checkpoint, mnist_dir, tmp_path):
@@ -154,9 +177,12 @@ def test_evaluate_cli(checkpoint, mnist_dir, tmp_path):
     ok = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(mnist_dir),
                              "--out", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
-    assert "confusion matrix" in ok.output
+    assert "confusion matrix" in ok.output and "no labelled test part" in ok.output
+    assert f"wrote {tmp_path / 'confusion_mlp-seed0.png'}" in ok.output
     missing = runner.invoke(app, ["evaluate", str(checkpoint)])
     assert missing.exit_code == 2
     assert "error:" in missing.output and "--data" in missing.output
     with pytest.raises(MnistlabError, match="pass --data"):
-        evaluate_command(checkpoint, None, tmp_path)
+        ml.evaluate(checkpoint, plots=tmp_path)
+    nowhere = runner.invoke(app, ["evaluate", str(tmp_path / "nowhere")])
+    assert nowhere.exit_code == 2 and "no such file or run directory" in nowhere.output

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnistlab.atomic import atomic_write_text
 from mnistlab.data.csv import read_csv
 from mnistlab.errors import DataError, MnistlabError
 from mnistlab.model import Checkpoint, load_checkpoint
-from mnistlab.runs import atomic_write_text
 
 DIGIT_BOX = 20 / 28  # MNIST fits each digit into 20×20 of the 28×28 field
 MIN_CONTRAST = 32.0  # ink must differ from the background by this much (0..255) to count
@@ -146,15 +146,31 @@ def _load_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise MnistlabError(f"{path}: {exc}") from None
 
 
-def predict_images(ckpt: Checkpoint, paths: Sequence[str | Path]) -> list[ImagePrediction]:
-    """Predict every readable image; a file that fails gets its one-line error, the rest go on."""
+def _prepared(item: str | Path | Image.Image | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An image file, a PIL image or an array in the model's input form. A uint8 array of the
+    model's shape is taken as already in MNIST form; anything else is a picture to prepare."""
+    if isinstance(item, str | Path):
+        return _load_image(Path(item), shape)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.shape == tuple(shape):
+        return item
+    return preprocess_image(item, shape)
+
+
+def predict_images(
+    ckpt: Checkpoint, images: Sequence[str | Path | Image.Image | np.ndarray]
+) -> list[ImagePrediction]:
+    """Predict every readable image; a file that fails gets its one-line error, the rest go on.
+
+    A result's `path` is the file's path, or `[i]` for an in-memory image.
+    """
     results: dict[int, ImagePrediction] = {}
     good: list[tuple[int, np.ndarray]] = []
-    for i, path in enumerate(paths):
+    names = [str(x) if isinstance(x, str | Path) else f"[{i}]" for i, x in enumerate(images)]
+    for i, item in enumerate(images):
         try:
-            good.append((i, _load_image(Path(path), ckpt.inputs.shape)))
+            good.append((i, _prepared(item, ckpt.inputs.shape)))
         except MnistlabError as exc:
-            results[i] = ImagePrediction(str(path), error=str(exc))
+            results[i] = ImagePrediction(names[i], error=str(exc))
     if good:
         probs = _probabilities(ckpt, np.stack([image for _, image in good]))
         top = torch.topk(probs, k=min(3, probs.shape[1]), dim=1)
@@ -162,8 +178,8 @@ def predict_images(ckpt: Checkpoint, paths: Sequence[str | Path]) -> list[ImageP
         ranked = zip(top.indices.tolist(), top.values.tolist(), strict=True)
         for (i, _), (index, values) in zip(good, ranked, strict=True):
             top3 = tuple((classes[c], round(p, 6)) for c, p in zip(index, values, strict=True))
-            results[i] = ImagePrediction(str(paths[i]), top3[0][0], top3)
-    return [results[i] for i in range(len(paths))]
+            results[i] = ImagePrediction(names[i], top3[0][0], top3)
+    return [results[i] for i in range(len(images))]
 
 
 def predict_csv(ckpt: Checkpoint, csv_path: str | Path, submission_path: str | Path) -> int:

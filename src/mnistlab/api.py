@@ -1,0 +1,365 @@
+"""The Python API: what a notebook user types, and what the command line calls.
+
+    import mnistlab as ml
+    results = ml.study(data="fashion-mnist", seeds=3, epochs=2)
+    results.summary            # pandas DataFrame, one row per configuration
+    results.model("lr1e-3-p0.2", seed=0)
+
+`study`, `sweep` and `train` take the command line's options as keyword arguments (explicit ones
+override the file's values; defaults live in mnistlab.config) and return `Results`; `load_run`
+returns the same object for a finished run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnistlab import stats
+from mnistlab.config import (
+    STUDY_KEYS,
+    RunConfig,
+    Schedule,
+    StudyConfig,
+    read_toml,
+    run_study_from_dict,
+    seed_study,
+    study_from_dict,
+    to_dict,
+    with_overrides,
+)
+from mnistlab.data import Source, load
+from mnistlab.data.npz import arrays_source
+from mnistlab.errors import ConfigError, MnistlabError
+from mnistlab.evaluation import Evaluation, Predictions, evaluation
+from mnistlab.evaluation import evaluate as score
+from mnistlab.experiment import pipeline
+from mnistlab.experiment.sweep import SweepSpec, name_of, sweep_from_dict
+from mnistlab.experiment.trials import Experiment, from_sweep
+from mnistlab.inference import ImagePrediction, predict_images
+from mnistlab.model import Checkpoint, load_checkpoint
+from mnistlab.progress import Progress
+from mnistlab.report.plots import evaluation_plots
+from mnistlab.results import Results
+from mnistlab.runs import RunDir
+
+Data = str | Path | tuple[np.ndarray, np.ndarray]
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def study(
+    config: str | Path | StudyConfig | None = None,
+    *,
+    data: Data | None = None,
+    seeds: int | Sequence[int] | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    stack_size: int | None = None,
+    out: str | Path = "runs",
+    resume: str | Path | None = None,
+    progress: bool | Progress = True,
+    report: bool = True,
+) -> Results:
+    """Run a study: the seed study's five configurations, or a study TOML's, × seeds.
+
+    `data` is a dataset name (mnist, fashion-mnist), a path (IDX folder, CSV, NPZ) or in-memory
+    arrays `(images, labels)`; `seeds` a count or a list. With `resume=RUN_DIR` the run
+    directory's own configuration is used, and any option given must agree with it.
+    """
+    name, source = _data(data)
+    flags = _given(data=name, seeds=seeds, epochs=epochs, device=device, stack_size=stack_size)
+    if resume is not None:
+        return _resume(resume, flags, source, progress, report, config=config)
+    if isinstance(config, StudyConfig):
+        values = to_dict(config)
+    else:
+        values = read_toml(Path(config), "study") if config else to_dict(seed_study())
+    where = str(config) if isinstance(config, str | Path) else "study"
+    experiment = Experiment(study_from_dict(with_overrides(values, flags), where))
+    return _run(experiment, out, source, progress, report)
+
+
+def sweep(
+    grid: str | Path | SweepSpec | Mapping[str, Any] | None = None,
+    *,
+    random: int | None = None,
+    seeds: int | Sequence[int] | None = None,
+    stack_size: int | None = None,
+    halving: bool | None = None,
+    ray_address: str | None = None,
+    data: Data | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    out: str | Path = "runs",
+    resume: str | Path | None = None,
+    progress: bool | Progress = True,
+    report: bool = True,
+) -> Results:
+    """Sweep a grid (or `random` samples of ranges) of configurations × seeds, in this process or
+    on the Ray cluster at `ray_address`; `halving` runs successive halving.
+
+    `grid` is a sweep TOML path, a SweepSpec or the TOML's values as a dict.
+    """
+    name, source = _data(data)
+    flags = _given(samples=random, seeds=seeds, stack_size=stack_size, halving=halving,
+                   data=name, epochs=epochs, device=device)
+    if resume is not None:
+        return _resume(resume, flags, source, progress, report, ray_address, grid)
+    if grid is None:
+        raise MnistlabError("sweep: pass a sweep TOML (--grid SWEEP.toml) or --resume RUN_DIR")
+    if isinstance(grid, SweepSpec):
+        grid = _sweep_values(grid)
+    values = read_toml(Path(grid), "sweep") if isinstance(grid, str | Path) else dict(grid)
+    where = str(grid) if isinstance(grid, str | Path) else "sweep"
+    experiment = from_sweep(sweep_from_dict(with_overrides(values, flags), where))
+    return _run(experiment, out, source, progress, report, ray_address)
+
+
+def train(
+    config: str | Path | RunConfig | None = None,
+    *,
+    data: Data | None = None,
+    seed: int | None = None,
+    out: str | Path = "runs",
+    resume: str | Path | None = None,
+    progress: bool | Progress = True,
+    report: bool = True,
+    **options: Any,
+) -> Results:
+    """Train one configuration with one seed.
+
+    `options` are RunConfig fields (name, lr, dropout, layernorm, hidden, ...), Schedule fields
+    (epochs, batch_size, ...) and val_fraction, split_seed, device; they override `config` (a
+    run TOML or a RunConfig). Without a name, the run is named by what it changes
+    (`lr1e-3_p0.2_ln`).
+    """
+    name, source = _data(data)
+    unknown = sorted(set(options) - set(RUN_FIELDS) - set(_SCHEDULE_FIELDS) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"train: unknown option(s) {', '.join(unknown)}")
+    flags = _given(data=name, seed=seed, **options)
+    if resume is not None:
+        return _resume(resume, flags, source, progress, report, config=config)
+    if isinstance(config, RunConfig):
+        values = to_dict(config)
+    else:
+        values = read_toml(Path(config), "run") if config else {}
+    if "name" not in values and "name" not in flags and "runs" not in values:
+        flags["name"] = name_of({k: v for k, v in flags.items() if k in RUN_FIELDS}) or "baseline"
+    study = run_study_from_dict(with_overrides(values, flags), str(config or "train"))
+    return _run(Experiment(study), out, source, progress, report)
+
+
+def load_run(path: str | Path) -> Results:
+    """The results of a finished run directory (no data set or network needed)."""
+    return Results(RunDir.existing(path))
+
+
+def load_model(path: str | Path) -> Checkpoint:
+    """A checkpoint file's model (`.model`, a plain nn.Sequential) with its configuration, input
+    normalisation, class names and seed."""
+    return load_checkpoint(path)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model scored on a labelled set: which model, on what, the metrics, the plots written."""
+
+    model: str  # the checkpoint file
+    data: str  # what it was scored on
+    note: str  # how that set was made, where it needs saying
+    evaluation: Evaluation
+    classes: tuple[str, ...]
+    plots: list[Path]
+
+
+def evaluate(target: str | Path, *, data: Data | None = None,
+             plots: str | Path | None = None) -> Scored:
+    """Test accuracy, per-class scores, confusion matrix and worst errors of a model.
+
+    `target` is a run directory (its winner, from the stored test predictions: no data needed;
+    with `data`, its checkpoint scored on that source's test part) or a checkpoint file (needs
+    `data`). The confusion and misclassified plots go to `plots`, by default the run
+    directory's plots/ or the checkpoint's folder.
+    """
+    target = Path(target)
+    if target.is_dir():
+        scored = _score_run(RunDir.existing(target), data)
+        folder = Path(plots or RunDir(target).plots)
+    elif target.is_file():
+        scored = _score_checkpoint(target, data)
+        folder = Path(plots or target.parent)
+    else:
+        raise MnistlabError(f"{target}: no such file or run directory; pass a run directory or "
+                            "a .safetensors checkpoint")
+    name = Path(scored.model).stem
+    written = evaluation_plots(scored.evaluation, scored.classes, folder, name)
+    return dataclasses.replace(scored, plots=written)
+
+
+def _score_run(run: RunDir, data: Data | None) -> Scored:
+    summary = run.read_summary()
+    name, seed = stats.winner(summary), stats.winner_seed(summary)
+    if seed is None:
+        raise MnistlabError(f"{run.summary_path}: no configuration has a finished model to "
+                            "score (every run diverged); pass a CHECKPOINT instead")
+    path = run.model_path(name, seed)
+    if data is not None:
+        return _score_checkpoint(path, data)
+    predictions = Predictions.load(run.predictions_path(name, seed))
+    where = f"test part of {summary['data']} ({len(predictions.labels)} images, stored " \
+            "predictions)"
+    return Scored(str(path), where, summary.get("split_note", ""), evaluation(predictions),
+                  predictions.classes, [])
+
+
+def _score_checkpoint(path: Path, data: Data | None) -> Scored:
+    """A checkpoint on a source's test part, or its training part (said so) when it has none."""
+    if data is None:
+        raise MnistlabError(f"{path}: a checkpoint alone has no data to score; "
+                            "pass --data mnist|fashion-mnist|PATH (or a RUN_DIR instead)")
+    ckpt = load_checkpoint(path)
+    name, source = _data(data)
+    source = source or load(name, progress=False)
+    part, note = source.test, ""
+    if part is None or part.labels is None:
+        part = source.train
+        note = (f"{name} has no labelled test part: scored on its training part, which the "
+                "model may have seen")
+    where = f"{part.origin} ({len(part)} images)"
+    return Scored(str(path), where, note, score(ckpt, part), ckpt.inputs.classes, [])
+
+
+def predict(model: str | Path | Checkpoint, images: Any) -> list[ImagePrediction]:
+    """Classes and top-3 probabilities for images: file paths, PIL images, uint8 arrays of the
+    model's input shape (already in MNIST form: light digit on black) or of any picture, or a
+    list of them; an (N, H, W) array is N images. A file that cannot be read gets its error in
+    its result; the others go on."""
+    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[2] not in (3, 4):
+        images = list(images)
+    elif not isinstance(images, list | tuple):
+        images = [images]
+    return predict_images(ckpt, images)
+
+
+def render(run_dir: str | Path) -> Path:
+    """Re-render a run directory's plots, TensorBoard files and report.html from its files."""
+    from mnistlab.report import render
+
+    return render(RunDir.existing(run_dir))
+
+
+# --- running ---------------------------------------------------------------------------------
+
+_SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(Schedule))
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the caller gave (None means "not given"), as TOML values."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return {k: plain(v) for k, v in options.items() if v is not None}
+
+
+def _data(data: Data | None) -> tuple[str | None, Source | None]:
+    """(what study.toml records as the data, the in-memory source if arrays were given)."""
+    if data is None or isinstance(data, str | Path):
+        return (None if data is None else str(data)), None
+    source = arrays_source(*data)
+    return source.name, source
+
+
+def _run(experiment: Experiment, out: str | Path, source: Source | None,
+         progress: bool | Progress, report: bool, ray_address: str | None = None,
+         resume: RunDir | None = None) -> Results:
+    watch = progress if isinstance(progress, Progress) else Progress(quiet=not progress)
+    executor = None
+    if ray_address is not None:
+        from mnistlab.experiment.ray import RayExecutor
+
+        executor = RayExecutor(ray_address)
+    _check_source(experiment.study, source)
+    run_dir = pipeline.run(experiment, watch, out=Path(out), resume=resume, source=source,
+                           executor=executor)
+    if report:
+        from mnistlab.report import render
+
+        render(run_dir)
+    return Results(run_dir)
+
+
+def _check_source(study: StudyConfig, source: Source | None) -> None:
+    if source is None and study.data.startswith("in-memory arrays"):
+        raise MnistlabError(f"{study.name}: trained on {study.data}; pass the same arrays "
+                            "again as data=(images, labels)")
+
+
+# --- resuming --------------------------------------------------------------------------------
+
+
+def _resume(path: str | Path, flags: Mapping[str, Any], source: Source | None,
+            progress: bool | Progress, report: bool, ray_address: str | None = None,
+            config: Any = None) -> Results:
+    """Finish an interrupted run directory with its own configuration; an option that would
+    change it is a one-line error naming the option."""
+    if config is not None:
+        raise ConfigError(f"{path}: a resumed run keeps its own configuration; pass either a "
+                          "configuration file or --resume, not both")
+    run_dir = RunDir.existing(path)
+    if run_dir.sweep_path.is_file():
+        values, build = read_toml(run_dir.sweep_path, "sweep"), _sweep_experiment
+    else:
+        values, build = read_toml(run_dir.config_path, "study"), _study_experiment
+    where = str(run_dir.root)
+    stored = build(values, where)
+    for key, value in flags.items():
+        if build(_override(values, key, value), where) != stored:
+            raise ConfigError(
+                f"{where}: resumed with {key} = {value!r}, but the run was made with "
+                f"{_stored(values, key)!r}; a resumed run keeps its configuration: drop the "
+                "option, or start a new run without --resume"
+            )
+    return _run(stored, run_dir.root.parent, source, progress, report, ray_address, run_dir)
+
+
+def _study_experiment(values: Mapping[str, Any], where: str) -> Experiment:
+    return Experiment(study_from_dict(values, where))
+
+
+def _sweep_experiment(values: Mapping[str, Any], where: str) -> Experiment:
+    return from_sweep(sweep_from_dict(values, where))
+
+
+def _override(values: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """`values` with one option set: a run field goes into a one-run study's configuration."""
+    runs = values.get("runs")
+    if key in RUN_FIELDS and isinstance(runs, list) and len(runs) == 1:
+        return {**values, "runs": [{**runs[0], key: value}]}
+    if key == "seed":
+        return {**values, "seeds": [value]}
+    return with_overrides(values, {key: value})
+
+
+def _stored(values: Mapping[str, Any], key: str) -> Any:
+    """What a run directory's file says for an option (for the error message)."""
+    runs = values.get("runs") or [{}]
+    for table in (values, values.get("schedule", {}), runs[0] if isinstance(runs[0], dict) else {}):
+        if key in table:
+            return table[key]
+    if key == "seed":
+        return values.get("seeds")
+    return "its default"
+
+
+def _sweep_values(spec: SweepSpec) -> dict[str, Any]:
+    import tomllib
+
+    from mnistlab.experiment.sweep import sweep_to_toml
+
+    return tomllib.loads(sweep_to_toml(spec))
+

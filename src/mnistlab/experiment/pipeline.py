@@ -1,0 +1,143 @@
+"""One pipeline under every command: data → splits → run directory → jobs → executor → summary.
+
+A study, a sweep, a halving sweep and a single `train` all run here; so do Ray runs, through
+another executor. Each finished job is recorded in the run directory (models, test predictions,
+a done file), so a resumed run skips it, and an unfinished one continues from the engine's last
+epoch-end state: an interrupted run ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from mnistlab.config import study_to_toml
+from mnistlab.data import Source, load, make_splits
+from mnistlab.data.dataset import Splits
+from mnistlab.errors import MnistlabError
+from mnistlab.experiment.executor import JobResult, LocalExecutor, Outcome, Watcher
+from mnistlab.experiment.halving import successive_halving
+from mnistlab.experiment.plan import Job, plan
+from mnistlab.experiment.summary import latest, summarize
+from mnistlab.experiment.sweep import sweep_to_toml
+from mnistlab.experiment.trials import Experiment, Trial
+from mnistlab.runs import RunDir, environment
+
+
+class Executor(Protocol):
+    """Runs jobs somewhere (this process, a Ray cluster) and yields (job, result) as each
+    finishes. `name` says where, for env.json and the summary."""
+
+    name: str
+
+    def session(self) -> contextlib.AbstractContextManager: ...  # around the whole experiment
+
+    def device(self, requested: str) -> str: ...
+
+    def stack_size(self, trials: Sequence[Trial], splits: Splits, device: str) -> int: ...
+
+    def run(self, jobs: Sequence[Job], splits: Splits, device: str, watch: Watcher,
+            state_path: Callable[[str], Path]) -> Iterator[tuple[Job, JobResult]]: ...
+
+
+def load_splits(experiment: Experiment, source: Source | None = None) -> Splits:
+    """The experiment's train/validation/test parts, from `source` or its data name/path."""
+    study = experiment.study
+    source = source or load(study.data)
+    if source.train.labels is None:
+        raise MnistlabError(
+            f"{study.data}: the training part has no labels; training needs labelled data"
+        )
+    return make_splits(source, study.val_fraction, study.split_seed)
+
+
+def run(
+    experiment: Experiment,
+    watch: Watcher,
+    *,
+    out: Path = Path("runs"),
+    resume: RunDir | None = None,
+    source: Source | None = None,
+    executor: Executor | None = None,
+) -> RunDir:
+    """Run `experiment` into a new run directory under `out`, or finish the one in `resume`.
+
+    Data and device come first, so a bad `--data` or `--device` leaves no half-made run
+    directory behind.
+    """
+    splits = load_splits(experiment, source)
+    executor = executor or LocalExecutor()
+    with executor.session():
+        device = executor.device(experiment.study.device)
+        if not experiment.study.stack_size:
+            size = executor.stack_size(experiment.trials(), splits, device)
+            experiment = experiment.with_stack_size(size)
+        run_dir = resume or _new_run_dir(experiment, out)
+        _notes(watch, experiment, run_dir, splits)
+        run_dir.write_env(environment({"seeds": list(experiment.study.seeds),
+                                       "backend": executor.name}, device))
+        train_rung = _rung_trainer(run_dir, splits, experiment, executor, device, watch)
+        if experiment.halving:
+            outcomes, rungs = successive_halving(experiment, train_rung)
+        else:
+            outcomes, rungs = train_rung("", experiment.trials()), None
+    run_dir.write_metrics(latest(outcomes)[0])
+    run_dir.write_summary(summarize(experiment, splits, outcomes, rungs, executor.name))
+    return run_dir
+
+
+def _new_run_dir(experiment: Experiment, out: Path) -> RunDir:
+    """study.toml lists the configurations (and re-runs a study); a sweep's sweep.toml re-runs
+    the sweep."""
+    run_dir = RunDir.create(out, experiment.study.name)
+    run_dir.write_config(study_to_toml(experiment.study),
+                         experiment.sweep and sweep_to_toml(experiment.sweep))
+    return run_dir
+
+
+def _notes(watch: Watcher, experiment: Experiment, run_dir: RunDir, splits: Splits) -> None:
+    study = experiment.study
+    watch.note(f"run directory: {run_dir.root}")
+    if splits.note:
+        watch.note(splits.note)
+    models = len(study.runs) * len(study.seeds)
+    configurations = f"{len(study.runs)} configuration{'s' * (len(study.runs) != 1)}"
+    seeds = f"{len(study.seeds)} seed{'s' * (len(study.seeds) != 1)}"
+    watch.note(f"{models} model{'s' * (models != 1)} ({configurations} × {seeds}), "
+               f"stacks of up to {study.stack_size}"
+               + (", successive halving" if experiment.halving else ""))
+
+
+def _rung_trainer(
+    run_dir: RunDir, splits: Splits, experiment: Experiment, executor: Executor, device: str,
+    watch: Watcher,
+) -> Callable[[str, Sequence[Trial]], list[Outcome]]:
+    """A function that trains trials (one rung) and returns their outcomes in plan order.
+
+    Finished jobs are read back from their done files; each job that finishes is recorded at
+    once and metrics.csv rewritten, so results show up as they come.
+    """
+    earlier: list[Outcome] = []
+
+    def train_rung(prefix: str, trials: Sequence[Trial]) -> list[Outcome]:
+        jobs = plan(trials, experiment.study.stack_size, prefix)
+        done = {job.key: Outcome(**d) for job in jobs if (d := run_dir.finished_stack(job.key))}
+        todo = [job for job in jobs if job.key not in done]
+        for job, result in executor.run(todo, splits, device, watch, run_dir.state_path):
+            done[job.key] = _record(run_dir, job, result)
+            run_dir.write_metrics(latest(earlier + [done[j.key] for j in jobs
+                                                    if j.key in done])[0])
+        outcomes = [done[job.key] for job in jobs]
+        earlier.extend(outcomes)
+        return outcomes
+
+    return train_rung
+
+
+def _record(run_dir: RunDir, job: Job, result: JobResult) -> Outcome:
+    files = [(m.config.name, m.seed, model, predictions) for m, model, predictions
+             in zip(job.members, result.models, result.predictions, strict=True)]
+    run_dir.record_stack(job.key, result.outcome.as_dict(), files)
+    return result.outcome

@@ -1,0 +1,113 @@
+"""A finished run directory as an object: tables as pandas DataFrames, models, plots.
+
+Everything is read from the run directory alone, so `mnistlab.load_run(path)` works anywhere the
+folder is, with the data set gone and no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from mnistlab import stats
+from mnistlab.model import Checkpoint, load_checkpoint
+from mnistlab.runs import RunDir
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch import nn
+
+# summary.json's per-configuration statistics, as DataFrame columns (mean and 95% interval)
+_DESCRIBED = ("test_accuracy", "final_val_accuracy", "best_val_accuracy", "test_loss",
+              "train_val_gap")
+
+
+class Results:
+    """What a study, sweep or train produced; `ml.load_run(path)` gives the same object."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+        self.raw: dict[str, Any] = run_dir.read_summary()  # summary.json as it is on disk
+
+    def __repr__(self) -> str:
+        return f"Results({str(self.path)!r}, winner={self.winner!r})"
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir.root
+
+    @property
+    def report_path(self) -> Path:
+        return self.run_dir.report_path
+
+    @property
+    def winner(self) -> str | None:
+        """The best configuration (see summary.json's comparisons)."""
+        return stats.winner(self.raw)
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        """Every record, long format as in metrics.csv: run, seed, step, epoch, split, loss,
+        accuracy."""
+        return pd.read_csv(self.run_dir.metrics_path)
+
+    @cached_property
+    def runs(self) -> pd.DataFrame:
+        """One row per model (configuration × seed): final and best validation, test metrics,
+        divergence, seconds."""
+        return pd.DataFrame(self.raw["runs"])
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        """One row per configuration: seeds, and for each statistic its mean and 95% interval
+        over seeds (`<stat>`, `<stat>_low`, `<stat>_high`), and how many seeds diverged."""
+        rows = []
+        for c in self.raw["configs"]:
+            row: dict[str, Any] = {"configuration": c["run"], "seeds": c["n"]}
+            for key in _DESCRIBED:
+                d = c[key]
+                row |= {key: d["mean"], f"{key}_low": d["ci_low"], f"{key}_high": d["ci_high"]}
+            rows.append(row | {"diverged": c["diverged"]})
+        return pd.DataFrame(rows).set_index("configuration")
+
+    def checkpoint(self, name: str | None = None, seed: int | None = None) -> Checkpoint:
+        """A model with its configuration and input normalisation; by default the winner's (the
+        seed the report shows)."""
+        name = name or self.winner
+        if seed is None:
+            seed = stats.winner_seed(self.raw) if name == self.winner else self.raw["seeds"][0]
+        return load_checkpoint(self.run_dir.model_path(name, seed))
+
+    def model(self, name: str | None = None, seed: int | None = None) -> nn.Sequential:
+        """A trained model as a plain `nn.Sequential` in eval mode (see `checkpoint`)."""
+        return self.checkpoint(name, seed).model
+
+    def models(self) -> dict[tuple[str, int], nn.Sequential]:
+        """Every trained model, keyed by (configuration, seed)."""
+        return {(r["run"], r["seed"]): self.model(r["run"], r["seed"]) for r in self.raw["runs"]}
+
+    def plot(self, metric: str = "accuracy") -> Figure:
+        """Every configuration's validation curve (mean over seeds, min–max band)."""
+        from mnistlab.report.plots import comparison_figure
+
+        names = [c["run"] for c in self.raw["configs"]]
+        rows = self.metrics.to_dict("records")
+        return comparison_figure(rows, names, metric, self.raw.get("steps_per_epoch"))
+
+    def _repr_html_(self) -> str:
+        """The summary table and the validation-accuracy comparison, for Jupyter."""
+        buffer = io.BytesIO()
+        self.plot().savefig(buffer, format="png", dpi=80)
+        image = base64.b64encode(buffer.getvalue()).decode("ascii")
+        title = html.escape(f"{self.raw.get('study', '')}: winner {self.winner}")
+        table = self.summary[["seeds", "test_accuracy", "test_accuracy_low",
+                              "test_accuracy_high", "final_val_accuracy", "diverged"]]
+        return (f"<h4>{title}</h4>{table.to_html(float_format='{:.4f}'.format)}"
+                f'<img src="data:image/png;base64,{image}" style="max-width:100%">'
+                f"<p>{html.escape(str(self.path))}</p>")
