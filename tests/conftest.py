@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,10 +17,12 @@ import torch
 
 from mnistlab.data import idx
 from mnistlab.data.dataset import Dataset
+from mnistlab.errors import MnistlabError
 
 if not torch.cuda.is_available():  # before anything imports Triton: its kernels then run on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+pytest_plugins = ("pytester",)  # tests/data/test_real_data.py runs pytest on a test file
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -47,13 +54,57 @@ def idx_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+# What ../shared/data/mnist holds, and so what tests may use: the test set, the training labels.
+REAL_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+              "train-labels-idx1-ubyte.gz")
+REAL_MNIST = pytest.StashKey[Path]()
+NOT_RUN = pytest.StashKey[str]()
+
+
+def real_data(name: str, shared: Path, folder: Path) -> Path:
+    """A folder holding the REAL_FILES of dataset `name`: `<shared>/<name>` where it exists (CI,
+    the project's machines: no network needed), else `folder` with links to mnistlab's own
+    verified copy, from its cache or downloaded into it, so the tests see the same files either
+    way. A MnistlabError when neither is possible (offline, no copy)."""
+    if (shared / name / REAL_FILES[0]).is_file():
+        return shared / name
+    from mnistlab.data.sources import locate
+
+    copy = locate(name, progress=False)
+    for file in REAL_FILES:
+        (folder / file).symlink_to(copy / file)
+    return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real MNIST, found once for the tests that use `mnist_dir` (see `real_data`). Where it
+    cannot be had, those tests are deselected and the summary says so in one line that names
+    the command that fixes it, rather than one skip line per test."""
+    needy = [item for item in items if "mnist_dir" in getattr(item, "fixturenames", ())]
+    if not needy:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="mnistlab-real-"))
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # each mirror's warning: one line below
+            config.stash[REAL_MNIST] = real_data("mnist", SHARED_DATA, folder)
+    except MnistlabError:
+        config.stash[NOT_RUN] = (
+            f"{len(needy)} tests need real MNIST and did not run: no {SHARED_DATA / 'mnist'} and "
+            "no download (offline?); run `mnistlab data fetch mnist` once, then pytest again")
+        config.hook.pytest_deselected(items=needy)
+        items[:] = [item for item in items if item not in needy]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if NOT_RUN in config.stash:
+        terminalreporter.write_line(config.stash[NOT_RUN], yellow=True)
+
+
 @pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-    """The real MNIST test set (and training labels) in /work/shared/data/mnist."""
-    path = SHARED_DATA / "mnist"
-    if not (path / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(reason=f"real MNIST t10k files not found in {path}")
-    return path
+def mnist_dir(request: pytest.FixtureRequest) -> Path:
+    """The real MNIST test set and training labels (found at collection, see `real_data`)."""
+    return request.config.stash[REAL_MNIST]
 
 
 @pytest.fixture(scope="session")

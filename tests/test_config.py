@@ -69,7 +69,8 @@ def test_invalid_run_configs_say_what_is_wrong(fields, message):
 def test_unknown_toml_field_is_named(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('runs = [{name = "x", learning_rate = 0.1}]\n')
-    with pytest.raises(ConfigError, match=r"bad.toml run: unknown field\(s\) learning_rate"):
+    expected = r"bad\.toml: runs\[0\]: unknown field\(s\) learning_rate; known: name, lr"
+    with pytest.raises(ConfigError, match=expected):
         load_study(path)
 
 

@@ -17,13 +17,7 @@ from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study
 from mnistlab.experiment.plan import plan
 from mnistlab.experiment.trials import Experiment
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-needs_mnist = pytest.mark.skipif(
-    not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"real MNIST test set not found in {SHARED_MNIST}",
-)
 
 
 def small_study(data: str, **changes) -> StudyConfig:
@@ -45,15 +39,12 @@ def comparable(summary: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory):
-    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(reason=f"real MNIST test set not found in {SHARED_MNIST}")
+def mnist_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    results = ml.study(small_study(str(SHARED_MNIST)), out=out, progress=False)
+    results = ml.study(small_study(str(mnist_dir)), out=out, progress=False)
     return results.run_dir, results.raw
 
 
-@needs_mnist
 def test_study_writes_the_whole_run_directory(mnist_run):
     run_dir, _ = mnist_run
     root = run_dir.root
@@ -69,7 +60,6 @@ def test_study_writes_the_whole_run_directory(mnist_run):
     assert not list(run_dir.checkpoints.glob("state-*"))  # resume state gone once a stack is done
 
 
-@needs_mnist
 def test_mnist_test_set_alone_is_split_and_said_so(mnist_run):
     _, summary = mnist_run
     assert "held out" in summary["split_note"]
@@ -79,7 +69,6 @@ def test_mnist_test_set_alone_is_split_and_said_so(mnist_run):
     assert summary["steps_per_epoch"] == -(-sizes["train"] // 128)
 
 
-@needs_mnist
 def test_metrics_have_every_record_for_every_run_and_seed(mnist_run):
     run_dir, summary = mnist_run
     rows = run_dir.read_metrics()
@@ -94,7 +83,6 @@ def test_metrics_have_every_record_for_every_run_and_seed(mnist_run):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
 
 
-@needs_mnist
 def test_summary_statistics_are_sane(mnist_run):
     _, summary = mnist_run
     configs = {c["run"]: c for c in summary["configs"]}
@@ -106,10 +94,9 @@ def test_summary_statistics_are_sane(mnist_run):
     # With lr 1e-4 and two epochs the smallest-lr model lags: the study must say so by numbers.
     accuracy = {name: c["test_accuracy"]["mean"] for name, c in configs.items()}
     assert accuracy["lr1e-3-p0.2"] > accuracy["lr1e-4-p0.6"]
-    assert summary["comparisons"]["best"] in configs
+    assert summary["selection"]["winner"] in configs
 
 
-@needs_mnist
 def test_rerunning_study_toml_reproduces_the_numbers(mnist_run, tmp_path):
     run_dir, summary = mnist_run
     again = ml.study(run_dir.config_path, out=tmp_path, progress=False, report=False)

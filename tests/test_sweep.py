@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import shutil
 import tomllib
 from collections import Counter
@@ -62,22 +63,27 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("colour = 3", "unknown key(s) colour"),
-        ("[grid]\nlr = 0.001", "[grid] lr: expected a non-empty list"),
-        ("[grid]\nlearning_rate = [0.1]", "[grid] learning_rate: unknown field"),
-        ("[grid]\nlr = ['fast']", "[grid] lr = 'fast': expected a value like 0.01"),
-        ("[grid]\nhidden = [150]", "[grid] hidden = 150: expected a value like [150, 150]"),
-        ("[grid]\ndropout = [0.1, 1.0]", "dropout must be in [0, 1), got 1.0"),
-        ("[random]\nlr = {log_uniform = [0, 1e-2]}", "[random] lr: log_uniform needs [lo, hi]"),
-        ("[random]\nlr = {normal = [0, 1]}", "[random] lr = {'normal': [0, 1]}: use"),
-        ("[random]\nhidden = {uniform = [1, 9]}", "[random] hidden: uniform is for real-valued"),
-        ("[random]\nlr = {choice = []}", "[random] lr: choice needs a non-empty list"),
+        ("colour = 3", "unknown field(s) colour; known: name"),
+        ("[grid]\nlr = 0.001", "grid.lr must be a non-empty list of values, got 0.001"),
+        ("[grid]\nlearning_rate = [0.1]", "grid: unknown field(s) learning_rate; known: lr"),
+        ("[grid]\nlr = ['fast']", "grid.lr[0] must be > 0 and finite, got 'fast'"),
+        ("[grid]\nhidden = [150]", "grid.hidden[0] sizes must be a list of one or more positive "
+                                  "integers, got 150"),
+        ("[grid]\ndropout = [0.1, 1.0]", "grid.dropout[1] must be in [0, 1), got 1.0"),
+        ("[random]\nlr = {log_uniform = [0, 1e-2]}",
+         "random.lr.log_uniform must be [lo, hi] with 0 < lo < hi, got 0"),
+        ("[random]\nlr = {normal = [0, 1]}", "random.lr: unknown field(s) normal; known: choice, "
+                                         "uniform, log_uniform"),
+        ("[random]\nhidden = {uniform = [1, 9]}", "random.hidden: unknown field(s) uniform; known: "
+                                              "choice"),
+        ("[random]\nlr = {choice = []}", "random.lr.choice must be a non-empty list of values, "
+                                     "got []"),
         ("[grid]\nlr = [0.1]\n[random]\nlr = {uniform = [0.1, 0.2]}", "lr in both [grid] and"),
         ("[random]\nlr = {uniform = [0.1, 0.2]}", "[random] ranges need --random N"),
-        ("[schedule]\nepochs = 0", "[schedule] schedule.epochs must be >= 1"),
-        ("[base]\nname = 'x'", "[base] name: unknown field"),
+        ("[schedule]\nepochs = 0", "schedule.epochs must be an integer >= 1, got 0"),
+        ("[base]\nname = 'x'", "base: name is not set here"),
         ("seeds = [1, 1]", "seeds must be a count or a list of distinct integers"),
-        ("base = 'best'", "base = 'best' is no preset"),
+        ("base = 'best'", "base: unknown preset 'best'; known: baseline"),
         ("[grid\nlr = [1]", "not valid TOML"),
     ],
 )
@@ -347,6 +353,25 @@ def test_top_table_and_heat_map(full_run):
     assert path.name == HEATMAP and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_console_summary_heat_map_reading_and_confusion_name_one_winner(full_run):
+    """The winner is chosen on validation once, and every view shows that one."""
+    from mnistlab.report import render
+
+    run_dir, summary = full_run
+    winner = summary["selection"]["winner"]
+    assert summary["sweep"]["winner"] == winner == summary["selection"]["ranking"][0]
+    best_val = max(summary["configs"], key=lambda c: c["final_val_accuracy"]["mean"])
+    assert best_val["run"] == winner
+    first_row = next(ln for ln in top_text(summary).splitlines() if "│" in ln)
+    assert first_row.split("│")[2].strip() == winner
+    page = render(run_dir).read_text(encoding="utf-8")
+    reading = re.search(r"<h2>Reading</h2>\s*<ul>(.*?)</ul>", page).group(1)
+    assert reading.startswith(f"<li>{winner} has the highest mean final validation accuracy")
+    assert f"dropout (winner: {winner})" in page  # the heat map's caption
+    assert f"{winner}: confusion matrix on the test set" in page
+    assert f'<tr class="best"><td>1</td><td>{winner}</td>' in page
+
+
 def test_sweep_command_writes_report_with_random_samples(tiny_data, tmp_path):
     text = f"""
 name = "rnd"
@@ -385,7 +410,7 @@ def test_command_line_options_are_validated_with_the_file(tmp_path):
     )
     assert spec.schedule.record_every == 5  # the file's other schedule fields stay
     with pytest.raises(
-        ConfigError, match=r"sweep\.toml: \[schedule\] schedule\.epochs must be >= 1"
+        ConfigError, match=r"sweep\.toml: schedule\.epochs must be an integer >= 1, got 0"
     ):
         load_sweep(path, {"epochs": 0})
     with pytest.raises(ConfigError, match=r"sweep\.toml: seeds must be a count"):

@@ -14,7 +14,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mnistlab.config import RunConfig
 from mnistlab.errors import MnistlabError
 
 app = typer.Typer(
@@ -39,14 +38,23 @@ def user_errors(func: F) -> F:
         except MnistlabError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: state saved at the last checkpoint; rerun with --resume RUN_DIR",
-                err=True,
-            )
+        except KeyboardInterrupt as exc:
+            typer.echo(_interrupted(func.__name__, exc), err=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> str:
+    """What Ctrl-C leaves behind, truthfully: the training state the engine saved (its
+    `Interrupted` carries the path) and the run directory to resume (the pipeline attaches it),
+    where these exist."""
+    state = getattr(exc, "state_path", None)
+    run_dir = getattr(exc, "run_dir", None)
+    saved = f"; training state saved in {state}" if state else ""
+    if run_dir is None or command not in ("study", "train", "sweep"):
+        return f"interrupted{saved}"
+    return f"interrupted{saved}; continue with `mnistlab {command} --resume {run_dir}`"
 
 
 DataOpt = Annotated[
@@ -163,6 +171,8 @@ def train(
 
     betas = None
     if beta1 is not None or beta2 is not None:
+        from mnistlab.config import RunConfig
+
         default = RunConfig().betas
         betas = (default[0] if beta1 is None else beta1, default[1] if beta2 is None else beta2)
     options = {
@@ -230,21 +240,32 @@ def report(
 def evaluate(
     target: Annotated[Path, typer.Argument(help="A run directory or a .safetensors checkpoint.")],
     data: DataOpt = None,
+    run: Annotated[
+        str | None, typer.Option(help="A configuration of the run directory (default: winner).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="One seed's model (default: all the seeds).")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Folder for the confusion/misclassified PNGs.")
     ] = None,
 ) -> None:
     """Test accuracy, per-class precision/recall, confusion matrix, worst errors.
 
-    A run directory's winner is read from its stored test predictions (no data needed); with
-    --data, its checkpoint is scored on that source instead.
+    A run directory's winner (chosen on validation) over all its seeds, or one model with
+    --run/--seed, from its stored test predictions (no data needed); with --data, its
+    checkpoints are scored on that source instead.
     """
     import mnistlab as ml
     from mnistlab.report.table import format_evaluation
 
-    scored = ml.evaluate(target, data=data, plots=out)
-    lines = [f"checkpoint: {scored.model}", f"data: {scored.data}"]
+    scored = ml.evaluate(target, data=data, run=run, seed=seed, plots=out)
+    lines = [f"model: {scored.model}", f"data: {scored.data}"]
     lines += [scored.note] if scored.note else []
+    if len(scored.per_seed) > 1:
+        each = ", ".join(f"seed {s}: {a:.4f}" for s, a in scored.per_seed.items())
+        lines += [f"mean over {len(scored.per_seed)} seeds ({each}); the confusion matrix is "
+                  "summed over them, the errors are the shown seed's"]
     lines += [format_evaluation(scored.evaluation, scored.classes)]
     lines += [f"wrote {p}" for p in scored.plots]
     typer.echo("\n".join(lines))

@@ -1,7 +1,8 @@
 """Plain configuration values: one model (RunConfig), the training schedule, a whole study.
 
 Everything here round-trips through TOML exactly, so a run directory's `study.toml` re-runs the
-study that wrote it.
+study that wrote it. Every value is checked strictly on the way in (mnistlab.validation): the
+string in a field's annotation is its rule, and a mistake is one line naming file, place, rule.
 """
 
 from __future__ import annotations
@@ -9,19 +10,44 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import tomli_w
+from annotated_types import Ge, Gt, Lt, MinLen
+from pydantic import AfterValidator, BeforeValidator, with_config
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 from mnistlab.errors import ConfigError
+from mnistlab.validation import (
+    FORBID_EXTRA,
+    Count,
+    Int,
+    Name,
+    NonNegative,
+    Number,
+    Real,
+    Seed,
+    Switch,
+    Text,
+    Unit,
+    hints,
+    typed_table,
+    validate,
+    validated,
+)
 
-ACTIVATIONS = ("relu", "gelu", "tanh")
-INPUT_NORMS = ("scale", "standardize")
+MAX_MODELS = 10_000  # configurations × seeds in one experiment: a bound on what a file may ask
 
 
-@dataclass(frozen=True)
+Activation = Literal["relu", "gelu", "tanh"]
+InputNorm = Literal["scale", "standardize"]
+ACTIVATIONS, INPUT_NORMS = get_args(Activation), get_args(InputNorm)
+
+
+@validated
 class RunConfig:
     """One MLP and its optimiser. Defaults are the seed study's baseline shape.
 
@@ -31,40 +57,25 @@ class RunConfig:
     mean and divides by the training std (both recorded in the checkpoint).
     """
 
-    name: str = "baseline"
-    lr: float = 0.01
-    dropout: float = 0.0
-    layernorm: bool = False
-    hidden: tuple[int, ...] = (150, 150)
-    activation: str = "relu"
-    dropout_after: tuple[int, ...] = (2,)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    input_norm: str = "scale"
+    name: Name = "baseline"
+    lr: Annotated[Real, Gt(0), "must be > 0 and finite"] = 0.01
+    dropout: Annotated[Unit, "must be in [0, 1)"] = 0.0
+    layernorm: Switch = False
+    hidden: Annotated[
+        tuple[Count, ...], MinLen(1), "sizes must be a list of one or more positive integers",
+    ] = (150, 150)
+    activation: Annotated[Activation, f"must be one of {', '.join(ACTIVATIONS)}"] = "relu"
+    dropout_after: Annotated[
+        tuple[Count, ...], "must list hidden layers by number (1-based)"] = (2,)
+    betas: Annotated[tuple[Unit, Unit], "must be two numbers in [0, 1)"] = (0.9, 0.999)
+    eps: Annotated[Real, Gt(0), "must be > 0 and finite"] = 1e-8
+    weight_decay: Annotated[Real, Ge(0), "must be >= 0 and finite"] = 0.0
+    input_norm: Annotated[InputNorm, f"must be one of {', '.join(INPUT_NORMS)}"] = "scale"
 
     def __post_init__(self) -> None:
-        def fail(what: str) -> None:
-            raise ConfigError(f"run '{self.name}': {what}")
-
-        if not self.name or any(c in self.name for c in "/\\ ,"):
-            fail("name must be non-empty without spaces, commas or slashes")
-        if not self.lr > 0:
-            fail(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.dropout < 1.0:
-            fail(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.hidden or any(int(h) < 1 for h in self.hidden):
-            fail(f"hidden sizes must be positive integers, got {list(self.hidden)}")
-        if self.activation not in ACTIVATIONS:
-            fail(f"activation must be one of {', '.join(ACTIVATIONS)}, got '{self.activation}'")
-        if any(not 1 <= i <= len(self.hidden) for i in self.dropout_after):
-            fail(f"dropout_after must name hidden layers 1..{len(self.hidden)}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            fail(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if not self.eps > 0 or self.weight_decay < 0:
-            fail("eps must be > 0 and weight_decay >= 0")
-        if self.input_norm not in INPUT_NORMS:
-            fail(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got '{self.input_norm}'")
+        if any(i > len(self.hidden) for i in self.dropout_after):
+            raise ValueError(f"run '{self.name}': dropout_after must name hidden layers "
+                             f"1..{len(self.hidden)}, got {list(self.dropout_after)}")
 
     @property
     def architecture(self) -> tuple:
@@ -76,23 +87,59 @@ class RunConfig:
         return (self.hidden, self.activation, self.dropout_after, self.input_norm)
 
 
-@dataclass(frozen=True)
+StepCount = Annotated[Count, "must be an integer >= 1"]
+
+
+@validated
 class Schedule:
     """How long and how often. The last partial batch of an epoch is used unless `drop_last`."""
 
-    batch_size: int = 128
-    epochs: int = 10
-    record_every: int = 75
-    log_every: int = 250
-    drop_last: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "epochs", "record_every", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"schedule.{name} must be >= 1, got {getattr(self, name)}")
+    batch_size: StepCount = 128
+    epochs: StepCount = 10
+    record_every: StepCount = 75
+    log_every: StepCount = 250
+    drop_last: Switch = False
 
 
-@dataclass(frozen=True)
+def _seed_count(value: Any) -> Any:
+    """A count n of seeds stands for the seeds 0..n-1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= MAX_MODELS:
+            raise PydanticCustomError("seeds", "no usable count")
+        return tuple(range(value))
+    return value
+
+
+def _distinct(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PydanticCustomError("seeds", "not distinct")
+    return seeds
+
+
+Seeds = Annotated[
+    tuple[NonNegative, ...], BeforeValidator(_seed_count), AfterValidator(_distinct),
+    f"must be a count or a list of distinct integers >= 0 (a count is 1..{MAX_MODELS})",
+]
+
+
+# Fields a study shares with a sweep file.
+DataName = Annotated[Text, MinLen(1), "must be a dataset name or a path"]
+ScheduleTable = Annotated[Schedule, "must be a table of schedule fields"]
+ValFraction = Annotated[Real, Gt(0), Lt(1), "must be in (0, 1)"]
+Device = Annotated[Text, MinLen(1), "must be auto, cpu, cuda or mps (or cuda:1, ...)"]
+StackSize = Annotated[NonNegative, "must be an integer >= 0 (0: from free memory)"]
+
+
+def preset(value: Any) -> Any:
+    """A preset's name stands for its configuration; anything else is left to validation."""
+    if not isinstance(value, str):
+        return value
+    if value not in PRESETS:
+        raise ValueError(f"unknown preset {value!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[value]
+
+
+@validated
 class StudyConfig:
     """A list of configurations, each trained with every seed, on one data split.
 
@@ -100,28 +147,46 @@ class StudyConfig:
     directory records the size used, so a resumed run cuts the same stacks.
     """
 
-    name: str = "study"
-    data: str = "mnist"
-    runs: tuple[RunConfig, ...] = ()
-    seeds: tuple[int, ...] = (0, 1, 2)
-    schedule: Schedule = field(default_factory=Schedule)
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    device: str = "auto"
-    stack_size: int = 0
+    name: Name = "study"
+    data: DataName = "mnist"
+    runs: Annotated[
+        tuple[Annotated[RunConfig, BeforeValidator(preset)], ...],
+        "must be a list of preset names or tables of run fields",
+    ] = ()
+    seeds: Seeds = (0, 1, 2)
+    schedule: ScheduleTable = field(default_factory=Schedule)
+    val_fraction: ValFraction = 0.2
+    split_seed: Seed = 0
+    device: Device = "auto"
+    stack_size: StackSize = 0
 
     def __post_init__(self) -> None:
-        if not self.runs:
-            raise ConfigError(f"study '{self.name}': needs at least one run")
         names = [r.name for r in self.runs]
+        if not names:
+            raise ValueError(f"study '{self.name}': needs at least one run")
         if len(set(names)) != len(names):
-            raise ConfigError(f"study '{self.name}': run names must be unique, got {names}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"study '{self.name}': seeds must be distinct, got {self.seeds}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.stack_size < 0:
-            raise ConfigError(f"stack_size must be >= 0 (0: from memory), got {self.stack_size}")
+            raise ValueError(f"study '{self.name}': run names must be unique, got {names}")
+        check_size(len(self.runs), len(self.seeds))
+
+
+def check_size(configurations: int, seeds: int) -> None:
+    """Refuse an experiment of more than MAX_MODELS models (ValueError: a validation error)."""
+    if configurations * seeds > MAX_MODELS:
+        raise ValueError(f"{configurations} configurations × {seeds} seeds are more than the "
+                         f"{MAX_MODELS} models mnistlab trains in one run; ask for fewer")
+
+
+@with_config(FORBID_EXTRA)
+class MetricRow(TypedDict):
+    """One record of one model: a metrics.csv row. NaN loss/accuracy mark a diverged model."""
+
+    run: Text
+    seed: Int
+    step: NonNegative
+    epoch: Number
+    split: Literal["train", "val"]
+    loss: Number
+    accuracy: Number
 
 
 def _lr_dropout(name: str, lr: float, dropout: float) -> RunConfig:
@@ -145,24 +210,6 @@ def seed_study(**overrides: Any) -> StudyConfig:
 # --- TOML -----------------------------------------------------------------------------------
 
 
-def _tupled(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}"
-        )
-    clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    try:
-        return cls(**clean)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def run_config_from_dict(values: dict[str, Any], where: str = "run") -> RunConfig:
-    return _tupled(RunConfig, values, where)
-
-
 SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(Schedule))
 
 
@@ -182,35 +229,9 @@ def with_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> d
     return values
 
 
-def seed_list(seeds: Any, where: str) -> tuple[int, ...]:
-    """`seeds` as a count (3 → 0, 1, 2) or a list of distinct integers."""
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))
-    if (
-        not isinstance(seeds, list | tuple)
-        or not seeds
-        or len(set(seeds)) != len(seeds)
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise ConfigError(
-            f"{where}: seeds must be a count or a list of distinct integers, got {seeds!r}"
-        )
-    return tuple(seeds)
-
-
-def study_from_dict(values: Mapping[str, Any], where: str = "study") -> StudyConfig:
-    values = dict(values)
-    runs = values.pop("runs", [])
-    schedule = _tupled(Schedule, values.pop("schedule", {}), f"{where} [schedule]")
-    runs = tuple(
-        PRESETS[r]
-        if isinstance(r, str) and r in PRESETS
-        else run_config_from_dict(r, f"{where} run")
-        for r in runs
-    )
-    if "seeds" in values:
-        values["seeds"] = seed_list(values["seeds"], where)
-    return _tupled(StudyConfig, {**values, "runs": runs, "schedule": schedule}, where)
+def study_from_dict(values: Any, where: str = "study") -> StudyConfig:
+    """A study from a study TOML's values (runs may name presets; seeds may be a count)."""
+    return validate(StudyConfig, values, where)
 
 
 def _plain(value: Any) -> Any:
@@ -221,7 +242,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_dict(config: RunConfig | Schedule | StudyConfig) -> dict[str, Any]:
+def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict/list/scalar form (for TOML, JSON, checkpoint metadata)."""
     return _plain(config)
 
@@ -236,8 +257,12 @@ def read_toml(path: Path, kind: str) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"{path}: no such file; pass an existing {kind} TOML") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply); fix the file") from None
 
 
 def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> StudyConfig:
@@ -248,17 +273,20 @@ def load_study(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
 
 
 STUDY_KEYS = ("data", "val_fraction", "split_seed", "device", "stack_size")
+RunFile = typed_table("RunFile", {
+    **hints(RunConfig), **{k: hints(StudyConfig)[k] for k in STUDY_KEYS},
+    "seed": Seed, "schedule": ScheduleTable,
+})
 
 
-def run_study_from_dict(values: Mapping[str, Any], where: str = "run") -> StudyConfig:
+def run_study_from_dict(values: Any, where: str = "run") -> StudyConfig:
     """A one-run study from a run's values: RunConfig fields, `[schedule]`, `seed` and the
     study's data/split/device keys. Values holding `runs` are read as a whole study instead."""
-    if "runs" in values:
+    if isinstance(values, Mapping) and "runs" in values:
         return study_from_dict(values, where)
-    values = dict(values)
-    schedule = _tupled(Schedule, values.pop("schedule", {}), f"{where} [schedule]")
-    study = {k: values.pop(k) for k in STUDY_KEYS if k in values}
-    seeds = seed_list([values.pop("seed", 0)], where)
-    run = run_config_from_dict(values, where)
-    values = {"name": run.name, "runs": (run,), "seeds": seeds, "schedule": schedule, **study}
-    return _tupled(StudyConfig, values, where)
+    run = dict(validate(RunFile, values, where))
+    study = {k: run.pop(k) for k in (*STUDY_KEYS, "schedule") if k in run}
+    seed = run.pop("seed", 0)
+    config = validate(RunConfig, run, where)
+    values = {"name": config.name, "runs": (config,), "seeds": (seed,), **study}
+    return validate(StudyConfig, values, where)

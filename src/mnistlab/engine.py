@@ -38,21 +38,45 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from annotated_types import Ge
+from pydantic import ConfigDict, with_config
+from safetensors.torch import save
 from torch import Tensor
+from typing_extensions import TypedDict
 
-from mnistlab.atomic import atomic_path
-from mnistlab.config import RunConfig, Schedule, to_dict
+from mnistlab.atomic import atomic_write_bytes
+from mnistlab.config import MetricRow, RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
-from mnistlab.errors import CheckpointError, MnistlabError
-from mnistlab.model import Checkpoint, InputSpec, read_safetensors, unstack_model
+from mnistlab.errors import CheckpointError, ConfigError, MnistlabError
+from mnistlab.model import Checkpoint, InputSpec, json_field, read_safetensors, unstack_model
 from mnistlab.stack import Stack, derived_seed
+from mnistlab.validation import NonNegative, Real, validate
 
 STATE_FORMAT = "mnistlab-train-state/1"
 EVAL_CHUNK = 4096  # validation/test rows per float32 loss sum (fixes the summation order)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the resume state was saved at `state_path`."""
+
+    def __init__(self, state_path: Path):
+        super().__init__(str(state_path))
+        self.state_path = state_path
+
+
+@with_config(ConfigDict(extra="forbid"))
+class Progress(TypedDict):
+    """A resume state's progress: steps done, steps since the last record, training seconds so
+    far, and the records written so far."""
+
+    step: NonNegative
+    since: NonNegative
+    seconds: Annotated[Real, Ge(0)]
+    rows: list[MetricRow]
 
 
 @dataclass(frozen=True)
@@ -305,12 +329,7 @@ class _Training:
 
     def snapshot(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The state as CPU copies and metadata: training may go on while they are written."""
-        books = {
-            **{f"order_rng.{j}": g.get_state() for j, g in enumerate(self.order_rngs)},
-            "frozen": self.frozen, "diverged_at": self.diverged_at,
-            "loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
-            **({"perms": self.perms} if self.perms is not None else {}),
-        }
+        books = {**self._books(), **({"perms": self.perms} if self.perms is not None else {})}
         progress = {"step": self.step, "since": self.since, "seconds": self.seconds,
                     "rows": self.rows}
         meta = {"format": STATE_FORMAT, "fingerprint": json.dumps(self.fingerprint),
@@ -318,13 +337,26 @@ class _Training:
         books = {k: v.detach().to("cpu", copy=True) for k, v in books.items()}
         return {**self.stack.state(host_copy=True), **books}, meta
 
+    def _books(self) -> dict[str, Tensor]:
+        """The state's tensors besides the stack's and the epoch's batch order."""
+        return {
+            **{f"order_rng.{j}": g.get_state() for j, g in enumerate(self.order_rngs)},
+            "frozen": self.frozen, "diverged_at": self.diverged_at,
+            "loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
+        }
+
     def load(self, path: Path) -> None:
+        """Continue from the resume state at `path`. Anything in it that is not what this run
+        would have written (types, step counts, records, batch order) is a one-line
+        CheckpointError; a state of another run is refused naming what differs."""
         fix = "pass the state file of this run, or start a new run without resuming"
         tensors, meta = read_safetensors(path, STATE_FORMAT, "resume state", fix, "resume state")
         try:
-            saved = json.loads(meta["fingerprint"])
-            progress = json.loads(meta["progress"])
-        except (KeyError, ValueError) as exc:
+            saved = json_field(meta, "fingerprint")
+            progress = validate(Progress, json_field(meta, "progress"), "progress")
+            if not isinstance(saved, dict):
+                raise ValueError("the fingerprint is no table")
+        except (ConfigError, ValueError) as exc:
             raise CheckpointError(f"{path}: damaged resume state metadata ({exc}); {fix}") from None
         for what, mine in self.fingerprint.items():
             if saved.get(what) != mine:
@@ -334,25 +366,70 @@ class _Training:
                     "or start a new run"
                 )
         try:
+            self._check_progress(progress)
             self._restore(tensors, progress)
-        except (KeyError, RuntimeError) as exc:
+        except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: damaged resume state ({exc}); {fix}") from None
 
-    def _restore(self, tensors: dict[str, Tensor], progress: dict) -> None:
+    def _check_progress(self, progress: Progress) -> None:
+        """The progress this run could have reached: 0 <= step <= total, `since` the steps after
+        the last record, and records only of this stack's models up to `step`."""
+        step, since = progress["step"], progress["since"]
+        expected_since = 0 if step == self.total else step % self.schedule.record_every
+        if step > self.total or since != expected_since:
+            raise ValueError(f"step {step} of {self.total} with {since} since the last record")
+        members = {(m.config.name, m.seed) for m in self.members}
+        for row in progress["rows"]:
+            if (row["run"], row["seed"]) not in members or row["step"] > step:
+                raise ValueError(f"a record of {row['run']} seed {row['seed']} at step "
+                                 f"{row['step']} that this run cannot have written")
+
+    def _check_tensors(self, tensors: dict[str, Tensor], step: int) -> None:
+        """Exactly the tensors this run saves, each of its dtype and shape (perms: see
+        _permutations), and divergence marks that agree: frozen from the step it diverged."""
+        expected = {**self.stack.state(), **self._books()}
+        unknown = sorted(set(tensors) - set(expected) - {"perms"})
+        if unknown:
+            raise ValueError(f"unknown tensors {', '.join(unknown[:3])}")
+        for name, mine in expected.items():
+            found = tensors.get(name)
+            if found is None or found.dtype != mine.dtype or found.shape != mine.shape:
+                raise ValueError(f"{name} is missing or not {mine.dtype} {tuple(mine.shape)}")
+        frozen, dead = tensors["frozen"], tensors["diverged_at"]
+        if not (torch.equal(frozen, (dead > 0).to(frozen.dtype)) and dead.min() >= 0
+                and dead.max() <= step):
+            raise ValueError("frozen and diverged_at disagree")
+
+    def _restore(self, tensors: dict[str, Tensor], progress: Progress) -> None:
+        self._check_tensors(tensors, progress["step"])
         self.step, self.since = progress["step"], progress["since"]
-        self.seconds, self.rows = progress["seconds"], progress["rows"]
+        self.seconds, self.rows = progress["seconds"], [dict(r) for r in progress["rows"]]
         self.stack.load_state(tensors, self.step)
         for j, g in enumerate(self.order_rngs):
             g.set_state(tensors[f"order_rng.{j}"])
         for name in ("frozen", "diverged_at", "loss_sum", "acc_sum"):
             getattr(self, name).copy_(tensors[name])
-        if "perms" in tensors:
-            self.perms = tensors["perms"].to(self.device)
+        if "perms" in tensors or self.step % self.steps_per_epoch:
+            self.perms = self._permutations(tensors.get("perms")).to(self.device)
+
+    def _permutations(self, perms: Tensor | None) -> Tensor:
+        """The saved epoch's batch order: one permutation of the training rows per seed (which
+        a state taken mid-epoch must hold)."""
+        rows = torch.arange(len(self.x)).expand(len(self.seeds), -1)
+        if perms is None:
+            raise ValueError(f"no perms at step {self.step}, in the middle of an epoch")
+        if (perms.dtype != torch.int64 or perms.shape != rows.shape
+                or not torch.equal(perms.sort(dim=1).values, rows)):
+            raise ValueError(f"perms {tuple(perms.shape)} are not {len(self.seeds)} "
+                             f"permutations of {len(self.x)} rows")
+        return perms
 
 
 def write_state(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    """Write a resume state atomically. Serialised in memory and written by atomic_path (not by
+    safetensors' own file writer), so a full disk is the one-line disk-full error and the file
+    gets the usual permissions."""
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
 class _StateWriter:
@@ -471,10 +548,11 @@ def train(
                     writer.submit(Path(state_path), *run.snapshot())
         except KeyboardInterrupt:
             writer.wait()
-            if state_path is not None:
-                run.seconds = time.perf_counter() - start
-                run.save(Path(state_path))
-            raise
+            if state_path is None:
+                raise
+            run.seconds = time.perf_counter() - start
+            run.save(Path(state_path))
+            raise Interrupted(Path(state_path)) from None
         writer.wait()
         _sync(dev)
         run.seconds = time.perf_counter() - start

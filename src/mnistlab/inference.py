@@ -8,6 +8,8 @@ exactly that, so a model trained on MNIST sees the same kind of input it learned
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -199,10 +201,19 @@ def predict_csv(ckpt: Checkpoint, csv_path: str | Path, submission_path: str | P
             "pass a CSV of the size the model was trained on",
         )
     labels = _probabilities(ckpt, images).argmax(dim=1).tolist()
-    classes = ckpt.inputs.classes
-    lines = ["ImageId,Label", *(f"{i},{classes[c]}" for i, c in enumerate(labels, start=1))]
-    atomic_write_text(submission_path, "\n".join(lines) + "\n")
+    classes = [_inert(name) for name in ckpt.inputs.classes]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["ImageId", "Label"])
+    writer.writerows((i, classes[c]) for i, c in enumerate(labels, start=1))
+    atomic_write_text(submission_path, out.getvalue())
     return len(labels)
+
+
+def _inert(cell: str) -> str:
+    """A cell a spreadsheet shows as text: a leading = + - @ (or tab, CR) would start a formula,
+    so such a cell gets a leading apostrophe (OWASP's advice on CSV injection)."""
+    return f"'{cell}" if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
 def format_predictions(preds: Sequence[ImagePrediction], as_json: bool = False) -> str:

@@ -10,16 +10,19 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from annotated_types import Ge, Le, MinLen
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
 from mnistlab.atomic import atomic_write_bytes
-from mnistlab.config import RunConfig, run_config_from_dict, to_dict
+from mnistlab.config import RunConfig, to_dict
 from mnistlab.errors import CheckpointError, ConfigError
+from mnistlab.validation import Count, Real, Seed, Text, validate, validated
 
 CHECKPOINT_FORMAT = "mnistlab-mlp/1"
 _ACTIVATION = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -45,14 +48,20 @@ def build_mlp(config: RunConfig, input_dim: int = 784, n_classes: int = 10) -> n
     return nn.Sequential(*layers)
 
 
-@dataclass(frozen=True)
+@validated
 class InputSpec:
-    """What a model expects: image shape, class names, and x = (pixels / 255 - mean) / std."""
+    """What a model expects: image shape, class names, and x = (pixels / 255 - mean) / std.
 
-    shape: tuple[int, int] = (28, 28)
-    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
-    mean: float = 0.0
-    std: float = 1.0
+    Checked like a configuration, so a checkpoint's metadata cannot make the inputs NaN or
+    infinite (std 0 or 1e-300, a NaN mean) nor the model huge.
+    """
+
+    shape: Annotated[tuple[Count, Count], "must be [height, width], two positive integers"] = (
+        28, 28)
+    classes: Annotated[tuple[Text, ...], MinLen(1), "must be a list of class names"] = tuple(
+        str(d) for d in range(10))
+    mean: Annotated[Real, Ge(0), Le(1), "must be in [0, 1] (a mean of pixels / 255)"] = 0.0
+    std: Annotated[Real, Ge(1e-12), Le(1), "must be in [1e-12, 1] (a std of pixels / 255)"] = 1.0
 
     def prepare(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W) images → float32 (N, H*W) model input."""
@@ -85,6 +94,17 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     atomic_write_bytes(path, checkpoint_bytes(ckpt))
 
 
+def json_field(meta: Mapping[str, str], key: str) -> Any:
+    """The JSON value under `key` in a safetensors file's metadata; ValueError when the entry is
+    missing or not JSON."""
+    if key not in meta:
+        raise ValueError(f"no '{key}' entry")
+    try:
+        return json.loads(meta[key])
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"'{key}' is not JSON ({exc})") from None
+
+
 def read_safetensors(
     path: Path, fmt: str, what: str, fix: str, unreadable: str = "safetensors file"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -112,25 +132,45 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file; {fix}")
     tensors, meta = read_safetensors(path, CHECKPOINT_FORMAT, "model checkpoint", fix)
     try:
-        config = run_config_from_dict(json.loads(meta["config"]), where=str(path))
-        raw = json.loads(meta["inputs"])
-        inputs = InputSpec(tuple(raw["shape"]), tuple(raw["classes"]), raw["mean"], raw["std"])
-        if len(inputs.shape) != 2 or not all(isinstance(s, int) and s > 0 for s in inputs.shape):
-            raise ValueError(f"image shape {raw['shape']} is not [height, width]")
-        seed = json.loads(meta.get("seed", "null"))
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        config = validate(RunConfig, json_field(meta, "config"), "config")
+        inputs = validate(InputSpec, json_field(meta, "inputs"), "inputs")
+        seed = validate(Seed | None, json_field(meta, "seed") if "seed" in meta else None, "seed")
+    except (ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({exc}); {fix}") from None
+    problem = _weights_problem(tensors, config, inputs)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; {fix}")
     model = build_mlp(config, inputs.shape[0] * inputs.shape[1], len(inputs.classes))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise CheckpointError(
-            f"{path}: weights do not match the stored architecture ({detail}); {fix}"
-        ) from None
+    model.load_state_dict(tensors, strict=True)
     model.eval()
     return Checkpoint(model, config, inputs, seed)
+
+
+def _weights_problem(tensors: Mapping[str, torch.Tensor], config: RunConfig,
+                     inputs: InputSpec) -> str | None:
+    """Why `tensors` cannot be the weights of the model the metadata describes, or None.
+
+    Compared with a model built on the meta device (shapes only, no memory), so metadata that
+    claims a huge model is refused before anything of that size is allocated: the tensors
+    themselves are no bigger than the file.
+    """
+    layers = len(config.hidden)
+    if len(tensors) != 2 * (layers + 1) + 2 * layers * config.layernorm:  # checked first: cheap
+        return f"weights do not match the stored architecture ({len(tensors)} tensors)"
+    try:
+        with torch.device("meta"):
+            expected = build_mlp(config, inputs.shape[0] * inputs.shape[1], len(inputs.classes))
+    except RuntimeError:  # sizes whose product overflows: no file holds such weights
+        return "weights do not match the stored architecture (too large to exist)"
+    shapes = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != shapes:
+        wrong = sorted(set(found.items()) ^ set(shapes.items()))[:2]
+        return f"weights do not match the stored architecture ({wrong} differ)"
+    bad = [k for k, v in tensors.items() if not v.is_floating_point() or not v.isfinite().all()]
+    if bad:
+        return f"weights {', '.join(bad[:3])} are not finite floating-point numbers"
+    return None
 
 
 # --- the stacked form the engine trains ---------------------------------------------------------

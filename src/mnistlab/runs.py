@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -27,11 +28,44 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict
+
 from mnistlab._version import __version__
 from mnistlab.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from mnistlab.errors import MnistlabError
+from mnistlab.config import MetricRow
+from mnistlab.errors import CheckpointError, ConfigError, MnistlabError
+from mnistlab.validation import Int, Name, Number, Text, validate
 
 METRIC_COLUMNS = ("run", "seed", "step", "epoch", "split", "loss", "accuracy")
+
+
+@with_config(ConfigDict(extra="allow"))
+class ModelResult(TypedDict):
+    """One model's line in a stack's done file (more keys may follow; these are relied on)."""
+
+    run: Text
+    seed: Int
+    final_val_accuracy: Number
+    final_val_loss: Number
+    best_val_accuracy: Number
+    best_val_step: Int | None
+    final_train_accuracy: Number
+    final_train_loss: Number
+    test_accuracy: Number
+    test_loss: Number
+    diverged_at: Int | None
+    seconds: Number
+
+
+@with_config(ConfigDict(extra="forbid"))
+class StackFile(TypedDict):
+    """A finished stack's done file: its metric records, its models' results, its time."""
+
+    rows: list[MetricRow]
+    runs: list[ModelResult]
+    seconds: Number
+    device: Text
 
 
 def metrics_csv(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -47,19 +81,26 @@ def metrics_csv(rows: Iterable[Mapping[str, Any]]) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [
-            {
-                "run": r["run"],
-                "seed": int(r["seed"]),
-                "step": int(r["step"]),
-                "epoch": float(r["epoch"]),
-                "split": r["split"],
-                "loss": float(r["loss"]),
-                "accuracy": float(r["accuracy"]),
-            }
-            for r in csv.DictReader(f)
-        ]
+    """metrics.csv's rows. A damaged file is a one-line MnistlabError: a resumed run rewrites it
+    from the stack files."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [
+                {
+                    "run": r["run"],
+                    "seed": int(r["seed"]),
+                    "step": int(r["step"]),
+                    "epoch": float(r["epoch"]),
+                    "split": r["split"],
+                    "loss": float(r["loss"]),
+                    "accuracy": float(r["accuracy"]),
+                }
+                for r in csv.DictReader(f)
+            ]
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:
+        raise MnistlabError(f"{path}: damaged metrics file ({type(exc).__name__}: {exc}); "
+                            f"rewrite it with `mnistlab study --resume {Path(path).parent}` "
+                            "(or sweep/train --resume)") from None
 
 
 def environment(extra: Mapping[str, Any] | None = None, device: str = "") -> dict[str, Any]:
@@ -103,16 +144,26 @@ class RunDir:
     @classmethod
     def create(cls, out: str | Path, name: str) -> RunDir:
         """A new `<out>/<name>-<stamp>[-k]`, claimed by mkdir itself: two processes starting at
-        the same second get two directories."""
+        the same second get two directories. `name` must be a plain name (no `..`, no slash),
+        so the run directory is always inside `out`."""
+        validate(Name, name, "run directory name")
+        out = Path(out)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        Path(out).mkdir(parents=True, exist_ok=True)
-        for suffix in range(1, 10_000):
-            root = Path(out) / (f"{name}-{stamp}" + (f"-{suffix}" if suffix > 1 else ""))
-            try:
-                root.mkdir()
-            except FileExistsError:
-                continue
-            return cls(root)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for suffix in range(1, 10_000):
+                root = out / (f"{name}-{stamp}" + (f"-{suffix}" if suffix > 1 else ""))
+                try:
+                    root.mkdir()
+                except FileExistsError:
+                    continue
+                if root.resolve().parent != out.resolve():  # a guard: Name allows no way out
+                    raise MnistlabError(f"{root}: outside {out}; pass a plain study name")
+                return cls(root)
+        except OSError as exc:  # a full disk, no permission, `out` a file
+            raise MnistlabError(f"{out}: cannot create a run directory there ({exc.strerror}); "
+                                "pass an --out folder that is writable and has free space"
+                                ) from None
         raise MnistlabError(f"{out}: cannot find a free run directory name for {name}-{stamp}")
 
     @classmethod
@@ -149,11 +200,34 @@ class RunDir:
         return self.checkpoints / f"stack-{stack}.json"
 
     def finished_stack(self, stack: str) -> dict[str, Any] | None:
-        """The recorded results of a finished stack, or None when it has not finished."""
+        """The recorded results of a finished stack (a StackFile), or None when it has not
+        finished. A damaged done file is a one-line CheckpointError that says how to retrain."""
         path = self._done_path(stack)
         if not path.is_file():
             return None
-        return json.loads(path.read_text(encoding="utf-8"))
+        fix = f"delete it to retrain that stack (--resume {self.root})"
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            return dict(validate(StackFile, values, f"{path}: damaged stack file"))
+        except ConfigError as exc:
+            raise CheckpointError(f"{exc}; {fix}") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: damaged stack file ({exc}); {fix}") from None
+
+    def remove_temp_files(self) -> list[Path]:
+        """Delete what interrupted writes left behind (`.<name>.<random>.tmp` files of atomic
+        writes, `.tb.<random>` folders of a TensorBoard re-render); returns what went.
+
+        Only the process that owns the run directory may call this (a resumed run does, before
+        it writes): another process's write in progress would lose its temp file.
+        """
+        files = sorted(p for p in self.root.rglob(".*.tmp") if p.is_file())
+        folders = sorted(p for p in self.root.glob(f".{self.tensorboard.name}.*") if p.is_dir())
+        for path in files:
+            path.unlink(missing_ok=True)
+        for path in folders:
+            shutil.rmtree(path, ignore_errors=True)
+        return files + folders
 
     def record_stack(
         self,
@@ -194,4 +268,9 @@ class RunDir:
                 f"{self.summary_path}: missing, so the run has not finished; finish it with "
                 f"`mnistlab study --resume {self.root}` (or sweep/train --resume)"
             )
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise MnistlabError(
+                f"{self.summary_path}: damaged ({exc}); rewrite it with "
+                f"`mnistlab study --resume {self.root}` (or sweep/train --resume)") from None

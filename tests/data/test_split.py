@@ -1,7 +1,6 @@
 """The seeded, stratified split: deterministic, disjoint, covering, proportional."""
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +10,10 @@ from hypothesis import strategies as st
 from mnistlab.data.dataset import Dataset, Source, make_splits, split, split_indices
 from mnistlab.errors import DataError
 
-SHARED_MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
-
 
 @pytest.fixture(scope="module")
-def mnist_train_labels() -> np.ndarray:
-    path = SHARED_MNIST / "train-labels-idx1-ubyte.gz"
-    if not path.is_file():
-        pytest.skip(reason=f"real MNIST training labels not found at {path}")
+def mnist_train_labels(mnist_dir) -> np.ndarray:
+    path = mnist_dir / "train-labels-idx1-ubyte.gz"
     return np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8, offset=8).astype(np.int64)
 
 

@@ -98,7 +98,22 @@ def split(
             dataset.origin, "cannot split unlabelled data", "use a labelled training file"
         )
     keep, held = split_indices(dataset.labels, val_fraction, seed, stratified)
+    _nonempty(dataset, keep, held, "training", "validation", val_fraction)
     return dataset.subset(keep), dataset.subset(held)
+
+
+def _nonempty(dataset: Dataset, keep: np.ndarray, held: np.ndarray, kept: str, held_as: str,
+              fraction: float) -> None:
+    """Refuse a split that leaves either part without rows: nothing could train or be scored."""
+    if len(keep) and len(held):
+        return
+    empty = kept if not len(keep) else held_as
+    raise DataError(
+        dataset.origin,
+        f"{len(dataset)} labelled rows leave the {empty} part empty "
+        f"({fraction:.4g} of each class held out as {held_as}, rounded per class)",
+        "use more data, or a fraction that leaves rows on both sides (val_fraction 0.2 is usual)",
+    )
 
 
 # The held-out test share when a source has a single labelled part (MNIST's 10k test set alone).
@@ -111,6 +126,7 @@ def make_splits(source: Source, val_fraction: float = 0.2, seed: int = 0) -> Spl
     test = source.test
     if test is None or test.labels is None:
         keep, held = split_indices(pool.labels, HELD_OUT_TEST_FRACTION, seed=seed + 10_007)
+        _nonempty(pool, keep, held, "training", "test", HELD_OUT_TEST_FRACTION)
         pool, test = pool.subset(keep), pool.subset(held, origin=f"{pool.origin} (held out)")
         note = (
             f"{source.name} has one labelled part: {len(test)} rows (1/6, stratified) held out "

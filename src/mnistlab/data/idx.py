@@ -11,6 +11,7 @@ import gzip
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ GZIP_MAGIC = b"\x1f\x8b"
 UBYTE = 0x08
 IMAGES_NDIM, LABELS_NDIM = 3, 1
 REFETCH = "download the file again (or delete it so mnistlab fetches a fresh copy)"
-_CHUNK = 1 << 16
+MAX_PAYLOAD = 1 << 30  # bytes a gzip file may decompress to: 1 GiB, 9× the largest MNIST CSV
+SLACK = 1 << 20  # decompressed beyond an IDX header's declared size, to say how much more follows
+_CHUNK = 1 << 12  # compressed bytes per step: at most ~4 MB of output (zlib's ratio is ~1000:1)
 
 
 def cannot_read(path: str | Path, exc: OSError) -> DataError:
@@ -31,18 +34,40 @@ def cannot_read(path: str | Path, exc: OSError) -> DataError:
     return DataError(path, f"cannot read ({exc.strerror or exc})", "check the path and permissions")
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's payload: gunzipped when it starts with the gzip magic bytes, whatever its name."""
+def _file(path: str | Path) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise cannot_read(path, exc) from None
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's payload: gunzipped when it starts with the gzip magic bytes, whatever its name;
+    one that decompresses to more than MAX_PAYLOAD bytes is a DataError."""
+    data = _file(path)
     return gunzip(data, path) if data.startswith(GZIP_MAGIC) else data
 
 
-def gunzip(data: bytes, path: str | Path) -> bytes:
-    """Decompress every gzip member in `data`; corruption is a DataError at its byte offset."""
-    out, pos = [], 0
+def gunzip(data: bytes, path: str | Path, limit: int | None = None,
+           bound: str = "mnistlab reads") -> bytes:
+    """Decompress every gzip member in `data`, stopping with a DataError past `limit` bytes of
+    output (default MAX_PAYLOAD), so a gzip bomb costs no more memory than that; corruption is a
+    DataError at its byte offset. `bound` says where the limit comes from."""
+    limit = MAX_PAYLOAD if limit is None else limit
+    out, size = [], 0
+    for piece in _inflate(data, path):
+        out.append(piece)
+        size += len(piece)
+        if size > limit:
+            raise DataError(path, f"the gzip payload is longer than {bound} ({limit} bytes)",
+                            REFETCH, where=f"payload byte {limit}")
+    return b"".join(out)
+
+
+def _inflate(data: bytes, path: str | Path) -> Iterator[bytes]:
+    """The payload of every gzip member in `data`, piece by piece (a few MB at most each), so a
+    reader can stop as soon as it has seen enough."""
+    pos = 0
     while pos < len(data):
         if not data.startswith(GZIP_MAGIC, pos):
             raise DataError(
@@ -51,18 +76,17 @@ def gunzip(data: bytes, path: str | Path) -> bytes:
                 REFETCH,
                 where=f"byte {pos}",
             )
-        pos = _gunzip_member(data, pos, path, out)
-    return b"".join(out)
+        pos = yield from _inflate_member(data, pos, path)
 
 
-def _gunzip_member(data: bytes, pos: int, path: str | Path, out: list[bytes]) -> int:
-    """Append one member's payload to `out`; return the offset just past the member."""
+def _inflate_member(data: bytes, pos: int, path: str | Path) -> Iterator[bytes]:
+    """Yield one member's payload; return the offset just past the member."""
     stream = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     for start in range(pos, len(data), _CHUNK):
         chunk = data[start : start + _CHUNK]
         before = stream.copy()  # kept so a failure can be replayed byte by byte to its offset
         try:
-            out.append(stream.decompress(chunk))
+            yield stream.decompress(chunk)
         except zlib.error as exc:
             offset = start + _failing_byte(before, chunk)
             reason = str(exc).rpartition(": ")[2] or str(exc)  # zlib's words after "Error -3 ...: "
@@ -86,8 +110,51 @@ def _failing_byte(stream: zlib._Decompress, chunk: bytes) -> int:
     return len(chunk) - 1
 
 
+def read_array(path: str | Path, ndim: int) -> np.ndarray:
+    """The uint8 array of an IDX file (gzipped or raw) of `ndim` dimensions. A gzipped file's
+    header is read first, and the rest decompressed no further than the header declares."""
+    data = _file(path)
+    if data.startswith(GZIP_MAGIC):
+        limit = min(_declared_size(data, path, ndim) + SLACK, MAX_PAYLOAD)
+        data = gunzip(data, path, limit, "its IDX header declares")
+    return parse(data, path, ndim)
+
+
+def _declared_size(data: bytes, path: str | Path, ndim: int) -> int:
+    """The payload size the IDX header at the start of gzipped `data` declares; MAX_PAYLOAD
+    when the header is not readable from the first bytes (gunzip or parse then say why)."""
+    header = 4 + 4 * ndim
+    try:
+        head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data[:_CHUNK], header)
+    except zlib.error:
+        return MAX_PAYLOAD
+    if len(head) < header:
+        return MAX_PAYLOAD
+    return header + math.prod(_dims(head, path, ndim))
+
+
 def parse(data: bytes, path: str | Path, ndim: int) -> np.ndarray:
     """The uint8 array held by IDX bytes of `ndim` dimensions, after checking every header field."""
+    kind = "images" if ndim == IMAGES_NDIM else "labels"
+    dims = _dims(data, path, ndim)
+    header = 4 + 4 * ndim
+    end = header + math.prod(dims)
+    if len(data) != end:
+        what = (
+            "file ends early" if len(data) < end else f"{len(data) - end} unexpected bytes follow"
+        )
+        shape = f" of {'x'.join(map(str, dims[1:]))}" if ndim > 1 else ""
+        raise DataError(
+            path,
+            f"{what}: the header promises {dims[0]} {kind}{shape} ending at byte {end}",
+            REFETCH,
+            where=f"byte {min(len(data), end)}",
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+
+
+def _dims(data: bytes, path: str | Path, ndim: int) -> tuple[int, ...]:
+    """The dimensions an IDX header declares, after checking its magic number and element type."""
     kind, suffix = ("images", "idx3-ubyte") if ndim == IMAGES_NDIM else ("labels", "idx1-ubyte")
     header = 4 + 4 * ndim
     magic = int.from_bytes(data[:4], "big")
@@ -121,29 +188,17 @@ def parse(data: bytes, path: str | Path, ndim: int) -> np.ndarray:
             f"pass a file that holds {kind}",
             where="byte 4",
         )
-    end = header + math.prod(dims)
-    if len(data) != end:
-        what = (
-            "file ends early" if len(data) < end else f"{len(data) - end} unexpected bytes follow"
-        )
-        shape = f" of {'x'.join(map(str, dims[1:]))}" if ndim > 1 else ""
-        raise DataError(
-            path,
-            f"{what}: the header promises {dims[0]} {kind}{shape} ending at byte {end}",
-            REFETCH,
-            where=f"byte {min(len(data), end)}",
-        )
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+    return dims
 
 
 def read_images(path: str | Path) -> np.ndarray:
     """Images as uint8 (N, H, W) from an `*-idx3-ubyte[.gz]` file."""
-    return parse(read_bytes(path), path, IMAGES_NDIM)
+    return read_array(path, IMAGES_NDIM)
 
 
 def read_labels(path: str | Path, num_classes: int = len(DIGITS)) -> np.ndarray:
     """Labels as int64 (N,) from an `*-idx1-ubyte[.gz]` file, each checked to be a class index."""
-    labels = parse(read_bytes(path), path, LABELS_NDIM).astype(np.int64)
+    labels = read_array(path, LABELS_NDIM).astype(np.int64)
     bad = np.flatnonzero(labels >= num_classes)
     if bad.size:
         i = int(bad[0])

@@ -26,7 +26,8 @@ Parts = tuple[Dataset, Dataset | None]
 
 
 def _sniff(path: Path) -> str:
-    """Which reader fits: "npz", "idx" or "csv", from the first (gunzipped) bytes, not the name."""
+    """Which reader fits: "npz", "npy", "idx" or "csv", from the first (gunzipped) bytes, not
+    the name."""
     try:
         with open(path, "rb") as f:
             head = f.read(512)
@@ -39,6 +40,8 @@ def _sniff(path: Path) -> str:
             return "csv"  # the reader reports the corruption with its offset
     if head.startswith(b"PK"):
         return "npz"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
     return "idx" if head[:3] == b"\0\0\x08" else "csv"
 
 
@@ -46,6 +49,14 @@ def _load_file(path: Path, classes: tuple[str, ...]) -> Parts:
     kind = _sniff(path)
     if kind == "npz":
         return read_npz(path, classes)
+    if kind == "npy":
+        raise DataError(
+            path,
+            "a single NumPy array (.npy), whatever its name, not an .npz archive of images "
+            "and labels",
+            "save the arrays together with numpy.savez(path, x_train=..., y_train=..., "
+            "x_test=..., y_test=...)",
+        )
     if kind == "idx":
         raise DataError(
             path,

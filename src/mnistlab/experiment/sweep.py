@@ -1,8 +1,9 @@
 """A sweep file: a base configuration, `[grid]` lists and `[random]` ranges over any RunConfig or
 Schedule field, and the configurations it names.
 
-Every mistake in the file is one ConfigError naming the file and key. A configuration is named by
-the values that vary (`lr3e-4_p0.2_ln`), so names read as what they are and stay unique.
+The file is validated like a study file (mnistlab.config): every grid or random value as strictly
+as the field it sets, every mistake one ConfigError naming the file and key. A configuration is
+named by the values that vary (`lr3e-4_p0.2_ln`), so names read as what they are and stay unique.
 """
 
 from __future__ import annotations
@@ -10,29 +11,48 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import tomli_w
+from annotated_types import Gt, MinLen
+from pydantic import AfterValidator, BeforeValidator
+from pydantic_core import PydanticCustomError
 
 from mnistlab.config import (
-    PRESETS,
     SCHEDULE_FIELDS,
+    DataName,
+    Device,
     RunConfig,
     Schedule,
+    ScheduleTable,
+    Seeds,
+    StackSize,
+    ValFraction,
+    check_size,
+    preset,
     read_toml,
-    seed_list,
     to_dict,
     with_overrides,
 )
 from mnistlab.errors import ConfigError
+from mnistlab.validation import (
+    Name,
+    NonNegative,
+    Real,
+    Seed,
+    Switch,
+    hints,
+    typed_table,
+    validate,
+    validated,
+)
 
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "name")
 DEFAULTS = {**to_dict(RunConfig()), **to_dict(Schedule())}
-RANGES = ("log_uniform", "uniform")
 
 # How each field shows in a configuration's name, in name order: prefix, or (if true, if false).
 NAME_PARTS: dict[str, str | tuple[str, str]] = {
@@ -52,28 +72,85 @@ NAME_PARTS: dict[str, str | tuple[str, str]] = {
     "log_every": "log",
     "drop_last": ("dl", "nodl"),
 }
+FIELD_TYPES = {key: {**hints(RunConfig), **hints(Schedule)}[key] for key in NAME_PARTS}
+VALUES = "must be a non-empty list of values"
 
 
-@dataclass(frozen=True)
+def _base(value: Any) -> Any:
+    """The base configuration: a preset's name or a table of RunConfig fields without a name
+    (each configuration is named by the values it varies)."""
+    if isinstance(value, str):
+        return dataclasses.replace(preset(value), name="base")
+    if isinstance(value, dict):
+        if "name" in value:
+            raise ValueError("name is not set here: each configuration is named by the values "
+                             "it varies; remove it")
+        return {**value, "name": "base"}
+    return value
+
+
+def _increasing(bounds: tuple[float, float]) -> tuple[float, float]:
+    if not bounds[0] < bounds[1]:
+        raise PydanticCustomError("bounds", "not increasing")
+    return bounds
+
+
+def _one_kind(value: Any) -> Any:
+    """A range is one table of one kind: {log_uniform = [lo, hi]}, {uniform = ...}, {choice}."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError("a range is one table: {log_uniform = [lo, hi]}, {uniform = [lo, hi]} "
+                         "or {choice = [...]}")
+    return value
+
+
+def _distribution(key: str) -> Any:
+    """The ranges field `key` may be drawn from: a choice of its values, and for real-valued
+    fields a uniform or log-uniform interval."""
+    kinds = {"choice": Annotated[tuple[FIELD_TYPES[key], ...], MinLen(1), VALUES]}
+    if isinstance(DEFAULTS[key], float):
+        kinds["uniform"] = Annotated[tuple[Real, Real], AfterValidator(_increasing),
+                                     "must be [lo, hi] with lo < hi"]
+        kinds["log_uniform"] = Annotated[tuple[Annotated[Real, Gt(0)], Real],
+                                         AfterValidator(_increasing),
+                                         "must be [lo, hi] with 0 < lo < hi"]
+    return Annotated[typed_table(f"{key}_range", kinds), BeforeValidator(_one_kind)]
+
+
+Grid = typed_table("Grid", {key: Annotated[tuple[kind, ...], MinLen(1), VALUES]
+                            for key, kind in FIELD_TYPES.items()})
+Random = typed_table("Random", {key: _distribution(key) for key in FIELD_TYPES})
+
+
+@validated
 class SweepSpec:
     """A sweep file's content. `samples` > 0 draws that many random configurations instead of
     the grid; `stack_size` 0 means "from free memory" (the run directory records the size used,
     so a resumed sweep cuts the same stacks)."""
 
-    name: str = "sweep"
-    data: str = "mnist"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    device: str = "auto"
-    samples: int = 0
-    sample_seed: int = 0
-    halving: bool = False
-    stack_size: int = 0
-    base: RunConfig = field(default_factory=lambda: RunConfig(name="base"))
-    schedule: Schedule = field(default_factory=Schedule)
-    grid: Mapping[str, tuple] = field(default_factory=dict)
-    random: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    name: Name = "sweep"
+    data: DataName = "mnist"
+    seeds: Seeds = (0, 1, 2)
+    val_fraction: ValFraction = 0.2
+    split_seed: Seed = 0
+    device: Device = "auto"
+    samples: Annotated[NonNegative, "must be an integer >= 0 (0: the grid)"] = 0
+    sample_seed: Seed = 0
+    halving: Switch = False
+    stack_size: StackSize = 0
+    base: Annotated[RunConfig, BeforeValidator(_base),
+                    "must be a preset name or a table of run fields"] = field(
+        default_factory=lambda: RunConfig(name="base"))
+    schedule: ScheduleTable = field(default_factory=Schedule)
+    grid: Annotated[Grid, "must be a table of field = [values]"] = field(default_factory=dict)
+    random: Annotated[Random, "must be a table of field = {uniform = [lo, hi]}"] = field(
+        default_factory=dict)
+
+    def __post_init__(self) -> None:
+        both = sorted(set(self.grid) & set(self.random))
+        if both:
+            raise ValueError(f"{', '.join(both)} in both [grid] and [random]; keep each in one")
+        count = self.samples or math.prod(len(values) for values in self.grid.values())
+        check_size(count, len(self.seeds))
 
 
 # --- the sweep file -------------------------------------------------------------------------
@@ -89,136 +166,10 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     return sweep_from_dict(with_overrides(read_toml(path, "sweep"), overrides or {}), str(path))
 
 
-def sweep_from_dict(values: Mapping[str, Any], where: str = "sweep") -> SweepSpec:
-    values = dict(values)
-    known = [f.name for f in dataclasses.fields(SweepSpec)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}"
-        )
-    base = values.get("base", {})
-    if isinstance(base, str):
-        if base not in PRESETS:
-            raise ConfigError(
-                f"{where}: base = '{base}' is no preset; use one of {', '.join(PRESETS)}"
-            )
-        base = {k: v for k, v in to_dict(PRESETS[base]).items() if k != "name"}
-    values["base"] = _fields(
-        base, RUN_FIELDS, where, "base", lambda kw: RunConfig(name="base", **kw)
-    )
-    values["schedule"] = _fields(
-        values.get("schedule", {}), SCHEDULE_FIELDS, where, "schedule", lambda kw: Schedule(**kw)
-    )
-    values["grid"] = _grid(values.get("grid", {}), where)
-    values["random"] = _random(values.get("random", {}), where)
-    both = sorted(set(values["grid"]) & set(values["random"]))
-    if both:
-        raise ConfigError(
-            f"{where}: {', '.join(both)} in both [grid] and [random]; keep each in one"
-        )
-    values["seeds"] = seed_list(values.get("seeds", SweepSpec.seeds), where)
-    for key in ("samples", "sample_seed", "split_seed", "stack_size"):
-        if not isinstance(values.get(key, 0), int) or values.get(key, 0) < 0:
-            raise ConfigError(f"{where}: {key} must be a non-negative integer, got {values[key]!r}")
-    spec = SweepSpec(**values)
+def sweep_from_dict(values: Any, where: str = "sweep") -> SweepSpec:
+    spec = validate(SweepSpec, values, where)
     expand(spec, where)  # fails here, at the file, rather than after the data have loaded
     return spec
-
-
-def _fields(values: Any, allowed: Sequence[str], where: str, section: str, build: Callable) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: [{section}] must be a table of field = value")
-    for key in values:
-        if key not in allowed:
-            raise ConfigError(
-                f"{where}: [{section}] {key}: unknown field; known: {', '.join(allowed)}"
-            )
-    try:
-        return build({k: _value(v, k, where, section) for k, v in values.items()})
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: [{section}] {exc}") from None
-
-
-def _value(value: Any, key: str, where: str, section: str) -> Any:
-    """`value` in the type of the field's default (lists → tuples); else a one-line error."""
-    default = DEFAULTS[key]
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok, value = number, float(value) if number else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, list):
-        ok = isinstance(value, list) and all(isinstance(v, int | float) for v in value)
-        value = tuple(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(
-            f"{where}: [{section}] {key} = {value!r}: expected a value like {default!r}"
-        )
-    return value
-
-
-def _grid(grid: Any, where: str) -> dict[str, tuple]:
-    if not isinstance(grid, dict):
-        raise ConfigError(f"{where}: [grid] must be a table of field = [values]")
-    out = {}
-    for key, values in grid.items():
-        _known(key, where, "grid")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(
-                f"{where}: [grid] {key}: expected a non-empty list, e.g. {key} = "
-                f"[{DEFAULTS[key]!r}]"
-            )
-        out[key] = tuple(_value(v, key, where, "grid") for v in values)
-    return out
-
-
-def _random(ranges: Any, where: str) -> dict[str, dict[str, Any]]:
-    if not isinstance(ranges, dict):
-        raise ConfigError(f"{where}: [random] must be a table of field = {{uniform = [lo, hi]}}")
-    out = {}
-    for key, dist in ranges.items():
-        _known(key, where, "random")
-        fix = "use {log_uniform = [lo, hi]}, {uniform = [lo, hi]} or {choice = [...]}"
-        if (
-            not isinstance(dist, dict)
-            or len(dist) != 1
-            or next(iter(dist)) not in (*RANGES, "choice")
-        ):
-            raise ConfigError(f"{where}: [random] {key} = {dist!r}: {fix}")
-        ((kind, arg),) = dist.items()
-        if kind == "choice":
-            if not isinstance(arg, list) or not arg:
-                raise ConfigError(f"{where}: [random] {key}: choice needs a non-empty list")
-            out[key] = {kind: tuple(_value(v, key, where, "random") for v in arg)}
-            continue
-        if not isinstance(DEFAULTS[key], float):
-            raise ConfigError(
-                f"{where}: [random] {key}: {kind} is for real-valued fields; use choice"
-            )
-        ok = (
-            isinstance(arg, list)
-            and len(arg) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in arg)
-        )
-        if not ok or not arg[0] < arg[1] or (kind == "log_uniform" and arg[0] <= 0):
-            low = "0 < lo < hi" if kind == "log_uniform" else "lo < hi"
-            raise ConfigError(
-                f"{where}: [random] {key}: {kind} needs [lo, hi] with {low}, got {arg!r}"
-            )
-        out[key] = {kind: (float(arg[0]), float(arg[1]))}
-    return out
-
-
-def _known(key: str, where: str, section: str) -> None:
-    if key not in NAME_PARTS:
-        raise ConfigError(
-            f"{where}: [{section}] {key}: unknown field; known: {', '.join(NAME_PARTS)}"
-        )
 
 
 def sweep_to_toml(spec: SweepSpec) -> str:
@@ -287,13 +238,8 @@ def _configuration(
     name = "_".join(_name_part(k, point[k], k in tiny) for k in varying) or spec.name
     run = {k: v for k, v in point.items() if k in RUN_FIELDS}
     schedule = {k: v for k, v in point.items() if k in SCHEDULE_FIELDS}
-    try:
-        return (
-            dataclasses.replace(spec.base, name=name, **run),
-            dataclasses.replace(spec.schedule, **schedule),
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}; fix the [grid]/[random] values") from None
+    config = validate(RunConfig, {**to_dict(spec.base), **run, "name": name}, where)
+    return config, dataclasses.replace(spec.schedule, **schedule)
 
 
 def name_of(changes: Mapping[str, Any]) -> str:

@@ -1,0 +1,187 @@
+"""Strict validation of plain values (TOML, JSON, metadata) with one-line errors.
+
+Every value is checked on the way in by pydantic, from type annotations: an integer is no bool or
+float, a float is finite where it must be, `"false"` is no bool. The last string in a field's
+annotation is its rule; a mistake is one ConfigError line naming the file, the place and the
+rule, e.g. `study.toml: runs[1].layernorm must be true or false, got 'false'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
+
+from annotated_types import Ge, Lt
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    ConfigDict,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict, dataclass_transform, is_typeddict
+
+from mnistlab.errors import ConfigError
+
+FORBID_EXTRA = ConfigDict(extra="forbid")
+T = TypeVar("T")
+
+
+def _path_safe(name: str) -> str:
+    """A name that is one plain path component: it names the run directory and model files."""
+    size = len(name.encode("utf-8"))
+    unsafe = any(c.isspace() or c in "/\\,:" or not c.isprintable() for c in name)
+    if not 0 < size <= 100 or unsafe or name[0] in ".-=+@":
+        raise PydanticCustomError("name", "not a plain file name")
+    return name
+
+
+# Value kinds, all strict. A field's rule (the string in its annotation) says what it accepts.
+Int = Annotated[int, Strict()]
+NonNegative = Annotated[int, Strict(), Ge(0)]
+Count = Annotated[int, Strict(), Ge(1)]
+Number = Annotated[float, Strict()]  # NaN allowed: a diverged model's metrics
+Real = Annotated[float, Strict(), AllowInfNan(False)]
+Text = Annotated[str, Strict()]
+Flag = Annotated[bool, Strict()]
+Name = Annotated[
+    Text, AfterValidator(_path_safe),
+    "must be 1-100 bytes without spaces, commas, colons or slashes, not starting with . - = + @",
+]
+Unit = Annotated[Real, Ge(0), Lt(1)]  # [0, 1)
+Switch = Annotated[Flag, "must be true or false"]
+Seed = Annotated[NonNegative, "must be an integer >= 0"]
+
+@dataclass_transform(frozen_default=True)
+def validated(cls: type[T]) -> type[T]:
+    """`cls` as a frozen, hashable dataclass whose fields pydantic checks (unknown fields too);
+    constructing one with a bad value raises a one-line ConfigError naming the class."""
+    cls = pydantic_dataclass(frozen=True, config=FORBID_EXTRA)(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError(one_line(exc, cls.__name__, cls)) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@functools.cache
+def _adapter(kind: Any) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
+def validate(kind: Any, values: Any, where: str) -> Any:
+    """`values` (TOML/JSON data) as a `kind` (a validated dataclass, a TypedDict, a type), or a
+    one-line ConfigError: `<file>: <key> <rule>, got <value>`."""
+    try:
+        return _adapter(kind).validate_python(values)
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc, where, kind)) from None
+
+
+_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden")
+
+
+def one_line(exc: ValidationError, where: str, root: Any) -> str:
+    """The first problem of `exc`, raised while validating a `root`, as one line."""
+    errors = exc.errors(include_url=False)
+    error, loc = errors[0], tuple(errors[0]["loc"])
+    if error["type"] in _UNKNOWN:
+        parent = loc[:-1]
+        names = [str(e["loc"][-1]) for e in errors
+                 if e["type"] in _UNKNOWN and tuple(e["loc"][:-1]) == parent]
+        known = _field_names(_kind_at(root, parent))
+        return (f"{where}: {_place(parent)}unknown field(s) {', '.join(names)}; "
+                f"known: {', '.join(known)}")
+    if error["type"] == "value_error":
+        return f"{where}: {_place(loc)}{error['ctx']['error']}".replace("\n", " ")
+    kinds = [root] + [kind for _, kind in _levels(root, loc)]  # kinds[i]: the type at loc[:i]
+    ruled = [i for i, kind in enumerate(kinds) if _rule(kind)]
+    if not ruled:
+        return f"{where}: {_place(loc)}{error['msg'][:1].lower()}{error['msg'][1:]}"
+    i = ruled[-1]
+    key = f"{_dotted(loc[:i])} " if i else ""
+    return f"{where}: {key}{_rule(kinds[i])}, got {_shown(error['input'])}"
+
+
+def _rule(kind: Any) -> str | None:
+    """A field's rule: the last string in its annotation."""
+    rules = [m for m in _metadata(kind) if isinstance(m, str)]
+    return rules[-1] if rules else None
+
+
+def _dotted(loc: tuple) -> str:
+    """A place in the file in TOML's dotted words: `runs[1].lr`, `schedule.epochs`."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _place(loc: tuple) -> str:
+    """`runs[1]: `, `schedule: ` or nothing at the top of the file."""
+    return f"{_dotted(loc)}: " if loc else ""
+
+
+def _shown(value: Any) -> str:
+    """A value as the file wrote it (true, not True), cut short."""
+    text = str(value).lower() if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _metadata(kind: Any) -> tuple:
+    return get_args(kind)[1:] if get_origin(kind) is Annotated else ()
+
+
+def _bare(kind: Any) -> Any:
+    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """A dataclass's or TypedDict's field annotations, rules and constraints included."""
+    return get_type_hints(cls, include_extras=True)
+
+
+def _field_names(kind: Any) -> list[str]:
+    kind = _bare(kind)
+    return list(hints(kind)) if dataclasses.is_dataclass(kind) or is_typeddict(kind) else []
+
+
+def _kind_at(root: Any, loc: tuple) -> Any:
+    """The annotation that `loc` leads to from the type `root`, or None where it is unknown."""
+    levels = _levels(root, loc)
+    if len(levels) < len(loc):
+        return None
+    return levels[-1][1] if levels else root
+
+
+def _levels(root: Any, loc: tuple) -> list[tuple[Any, Any]]:
+    """(part, annotation) for each part of `loc` that the type `root` describes."""
+    levels, kind = [], root
+    for part in loc:
+        bare = _bare(kind)
+        if isinstance(part, str) and part in _field_names(bare):
+            kind = hints(bare)[part]
+        elif isinstance(part, int) and get_origin(bare) is tuple:
+            args = get_args(bare)
+            kind = args[0] if args[-1] is Ellipsis else args[min(part, len(args) - 1)]
+        else:
+            break
+        levels.append((part, kind))
+    return levels
+
+
+def typed_table(name: str, fields: Mapping[str, Any]) -> Any:
+    """A TypedDict of optional `fields` that refuses any other key: the shape of a TOML table."""
+    return with_config(FORBID_EXTRA)(TypedDict(name, dict(fields), total=False))  # type: ignore[operator]
+
+
