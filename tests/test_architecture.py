@@ -13,6 +13,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 STAGES = [
     ["mnistlab._version", "mnistlab.errors", "mnistlab.atomic"],
+    ["mnistlab.validation"],
     ["mnistlab.config"],
     ["mnistlab.data"],
     ["mnistlab.model"],
@@ -21,7 +22,7 @@ STAGES = [
     ["mnistlab.stack"],
     ["mnistlab.engine"],
     ["mnistlab.evaluation", "mnistlab.inference", "mnistlab.export", "mnistlab.stats",
-     "mnistlab.progress", "mnistlab.runs"],
+     "mnistlab.claims", "mnistlab.progress", "mnistlab.board", "mnistlab.runs"],
     ["mnistlab.experiment.sweep"],
     ["mnistlab.experiment.trials"],
     ["mnistlab.experiment.plan"],

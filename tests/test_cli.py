@@ -59,3 +59,19 @@ def test_user_mistakes_are_one_line_and_exit_2(args, needle, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert needle in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_the_report_footer_says_how_the_run_was_made(idx_dir, tmp_path):
+    """env.json keeps the command line, and the report ends with it and with the command that
+    reproduces the run from its own file."""
+    import json
+
+    result = _mnistlab("train", "--data", str(idx_dir), "--hidden", "16", "--dropout-after", "",
+                       "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "runs"), "-q")
+    assert result.returncode == 0, result.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    command = json.loads((run / "env.json").read_text())["command"]
+    assert command.startswith("mnistlab train --data ") and command.endswith("-q")
+    footer = (run / "report.html").read_text().split("<footer>")[1]
+    assert "It was run as <code>mnistlab train --data" in footer
+    assert f"mnistlab study --config {run / 'study.toml'}" in footer

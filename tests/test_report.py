@@ -19,15 +19,19 @@ from test_evaluation import SMALL, train_checkpoint
 from typer.testing import CliRunner
 
 from mnistlab.atomic import atomic_write_bytes, atomic_write_text
-from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study, study_to_toml, to_dict
-from mnistlab.data import load, make_splits
+from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study, study_to_toml
+from mnistlab.data import Dataset, load, make_splits
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import evaluate, predictions
+from mnistlab.evaluation import Predictions, evaluate, evaluation, predictions
+from mnistlab.experiment.executor import Outcome
+from mnistlab.experiment.summary import summarize
+from mnistlab.experiment.trials import Experiment
 from mnistlab.model import save_checkpoint
 from mnistlab.report import render
 from mnistlab.report.html import reading
 from mnistlab.runs import RunDir
-from mnistlab.stats import summarize
+from mnistlab.stats import Comparer
+from mnistlab.stats import summarize as statistics
 
 BEST, BASELINE, SLOW = "lr1e-3-p0.2", "baseline", "slow<&>"  # SLOW also tests escaping
 STEPS_PER_EPOCH, RECORD_EVERY, EPOCHS = 53, 25, 5
@@ -71,7 +75,19 @@ def run_row(run: str, seed: int, rows: list[dict], test_accuracy: float, test_lo
             "seconds": 4.0 + seed}
 
 
+def synthetic_predictions(test: Dataset, accuracy: float, seed: int) -> Predictions:
+    """A model's answers with exactly `accuracy` of the test images right, the rest one off."""
+    rng = np.random.default_rng(seed)
+    right = np.zeros(len(test), bool)
+    right[rng.permutation(len(test))[: round(accuracy * len(test))]] = True
+    predicted = np.where(right, test.labels, (test.labels + 1) % 10)
+    probability = rng.uniform(0.3, 1.0, len(test)).astype(np.float32)
+    return Predictions.of(predicted, probability, np.where(right, probability, 0.05), test)
+
+
 def build_run_dir(root: Path, mnist_dir: Path) -> RunDir:
+    """A run directory as the pipeline leaves it: the winner's models are really trained on the
+    MNIST test images, the other configurations' curves and answers are synthetic."""
     study = StudyConfig(
         name="synthetic<study>", data=str(mnist_dir), seeds=(0, 1, 2),
         runs=(RunConfig(name=BASELINE, lr=0.01, **SMALL),
@@ -86,8 +102,6 @@ def build_run_dir(root: Path, mnist_dir: Path) -> RunDir:
     for seed in study.seeds:
         ckpt = train_checkpoint(study.runs[1], splits.train, seed)
         save_checkpoint(run.model_path(BEST, seed), ckpt)
-        atomic_write_bytes(run.predictions_path(BEST, seed),
-                           predictions(ckpt, splits.test).to_bytes())
         ev = evaluate(ckpt, splits.test)
         curves = {  # final val accuracy, time constant, train-val gap, diverged at
             BASELINE: (ev.accuracy - 0.012, 60, 0.03, 150 if seed == 2 else None),
@@ -96,21 +110,15 @@ def build_run_dir(root: Path, mnist_dir: Path) -> RunDir:
         }
         for name, (final, tau, gap, dead) in curves.items():
             rows += synthetic_rows(name, seed, final, tau, gap, dead)
-            if name == BEST:
-                test = (ev.accuracy, ev.loss)
-            else:  # a diverged model is frozen at chance level
-                test = (0.098, math.nan) if dead else (final - 0.002 * seed, 0.3)
+            answers = (predictions(ckpt, splits.test) if name == BEST else
+                       synthetic_predictions(splits.test, final - 0.002 * seed, seed))
+            atomic_write_bytes(run.predictions_path(name, seed), answers.to_bytes())
+            test = evaluation(answers)
+            test = (math.nan, math.nan) if dead else (test.accuracy, test.loss)
             runs.append(run_row(name, seed, rows, *test))
     run.write_metrics(rows)
-    configs, comparisons = summarize(runs, {c.name: to_dict(c) for c in study.runs})
-    run.write_summary({
-        "study": study.name, "data": study.data, "split_note": splits.note,
-        "classes": list(splits.train.classes),
-        "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "device": "cpu", "seeds": list(study.seeds), "seconds": 36.0,
-        "steps_per_epoch": STEPS_PER_EPOCH, "runs": runs, "configs": configs,
-        "comparisons": comparisons,
-    })
+    outcome = Outcome(rows, runs, 36.0, "cpu")
+    run.write_summary(summarize(Experiment(study), run, splits, [outcome], None, "in-process"))
     return run
 
 
@@ -147,23 +155,24 @@ def test_report_states_setup_tables_and_test(run_dir):
     page = run_dir.report_path.read_text(encoding="utf-8")
     summary = run_dir.read_summary()
     assert summary["split_note"] and summary["split_note"] in page
-    assert "Welch&#x27;s t-test" in page and "Holm" in page
+    assert "two-level bootstrap" in page and "Holm" in page and "McNemar" in page
     for field in ("lr", "dropout", "layernorm", "hidden", "activation", "weight_decay"):
         assert f"<th>{field}</th>" in page
     best = next(c for c in summary["configs"] if c["run"] == BEST)["test_accuracy"]
     assert f"{best['mean']:.2%} [{100 * best['ci_low']:.2f}, {100 * best['ci_high']:.2f}]" in page
-    assert f'<tr class="best"><td>{BEST}</td>' in page
+    assert f'<tr class="best"><td>1</td><td>{BEST}</td>' in page  # chosen on validation
     assert page.count("<td>5.0 s</td>") == 3  # time per run: seeds took 4, 5 and 6 s
+    assert summary["claims"] is None and "seed study&#x27;s claims" not in page
 
 
 def test_the_reading_names_winner_overfit_slow_and_diverged(run_dir):
     page = run_dir.report_path.read_text(encoding="utf-8")
     reading = re.search(r"<h2>Reading</h2>\s*<ul>(.*?)</ul>", page).group(1)
-    assert reading.startswith(f"<li>{BEST} has the highest mean test accuracy")
-    # baseline's diverged seed (test accuracy 0.098) drags its mean below SLOW's and widens its
-    # interval so much that the winner's large lead over it is not significant with 3 seeds.
-    assert "beats the runner-up, slow&lt;&amp;&gt;, by 8.20 pp; this is significant" in reading
-    assert "not distinguishable from baseline" in reading
+    assert reading.startswith(f"<li>{BEST} has the highest mean final validation accuracy")
+    assert "its test accuracy, scored once, is" in reading
+    # The runner-up on validation is baseline (its diverged seed left out of the mean).
+    assert "differs from the runner-up, baseline, by +" in reading
+    assert re.search(r"difference is (not )?significant at α = 0.05 \(paired bootstrap", reading)
     assert f"{BASELINE} overfits most" in reading
     assert "slow&lt;&amp;&gt; converges slowest" in reading
     assert "baseline seed 2 (iteration 150)" in reading
@@ -173,30 +182,39 @@ def test_the_reading_says_when_it_cannot_rank():
     rows = synthetic_rows("a", 0, 0.9, 50, -0.01) + synthetic_rows("b", 0, 0.8, 50, -0.02)
     last = [r for r in rows if r["step"] == rows[-1]["step"]]  # one record only
     runs = [run_row(name, 0, rows, test, 0.3) for name, test in (("a", 0.9), ("b", 0.8))]
-    configs, comparisons = summarize(runs, {"a": {}, "b": {}})
-    text = " ".join(reading({"configs": configs, "comparisons": comparisons, "runs": runs}, last))
-    assert "1 seed)" in text and "cannot be tested: fewer than 2 seeds" in text
+    correct = {"a": np.arange(100)[None] < 90, "b": np.arange(100)[None] < 80}
+    summary = {**statistics({"a": {}, "b": {}}, Comparer(runs, correct)), "runs": runs}
+    text = " ".join(reading(summary, last))
+    assert "n/a (1 seed) over 1 seed" in text and "no test is possible: n/a (1 seed)" in text
     assert "No configuration overfits" in text and "the largest gap is a's, -0.94 pp" in text
     assert "too few records to rank their speed" in text
-    configs, comparisons = summarize(runs[:1], {"a": {}})
-    text = " ".join(reading({"configs": configs, "comparisons": comparisons, "runs": runs}, rows))
-    assert "no other configuration to compare" in text
+    summary = {**statistics({"a": {}}, Comparer(runs[:1], {"a": correct["a"]})), "runs": runs}
+    assert "no other configuration to compare" in " ".join(reading(summary, rows))
 
 
 def test_tensorboard_events_hold_the_metrics(run_dir):
+    """A run directory without live events (made before live logging) gets them from
+    metrics.csv: Keras' layout, one run per model, train and validation under the same tags;
+    each configuration's confusion matrix as an image."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = sorted(p.name for p in run_dir.tensorboard.iterdir())
+    runs = sorted(p.name for p in run_dir.tensorboard.iterdir() if p.is_dir())
     assert runs == sorted(f"{n}-seed{s}" for n in (BASELINE, BEST, "slow___") for s in range(3))
-    events = EventAccumulator(str(run_dir.tensorboard / f"{BEST}-seed1"))
-    events.Reload()
-    tags = {"loss/train", "loss/val", "accuracy/train", "accuracy/val"}
-    assert set(events.Tags()["scalars"]) == tags
+    model = run_dir.tensorboard / f"{BEST}-seed1"
+    assert {p.name for p in model.iterdir() if p.is_dir()} == {"train", "validation", "test"}
+    for sub in ("train", "validation"):
+        events = EventAccumulator(str(model / sub))
+        events.Reload()
+        assert set(events.Tags()["scalars"]) == {"loss", "accuracy"}
     expected = [(r["step"], r["accuracy"]) for r in run_dir.read_metrics()
                 if r["run"] == BEST and r["seed"] == 1 and r["split"] == "val"]
-    got = [(e.step, e.value) for e in events.Scalars("accuracy/val")]
+    got = [(e.step, e.value) for e in events.Scalars("accuracy")]
     assert [s for s, _ in got] == [s for s, _ in expected]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)
+    images = EventAccumulator(str(run_dir.tensorboard / f"{BEST}-seed0" / "images"))
+    images.Reload()
+    (image,) = images.Images("confusion_matrix")
+    assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > 300
 
 
 def test_rerender_replaces_everything_and_leaves_no_temp_files(run_dir):
@@ -209,7 +227,12 @@ def test_rerender_replaces_everything_and_leaves_no_temp_files(run_dir):
     assert str(run_dir.report_path) in result.output
     assert run_dir.report_path.read_bytes() == before
     tb_after = sorted(p.name for p in run_dir.tensorboard.rglob("*"))
-    assert len(tb_after) == len(tb_before)  # rewritten, not appended to
+    assert tb_after == tb_before  # no new event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = EventAccumulator(str(run_dir.tensorboard / f"{BEST}-seed0" / "images"))
+    images.Reload()
+    assert len(images.Images("confusion_matrix")) == 1  # the earlier image replaced
     assert not [p for p in run_dir.root.rglob(".*") if p.name != ".gitignore"]
 
 
@@ -234,12 +257,40 @@ def test_report_and_evaluate_need_neither_the_data_nor_the_network(run_dir, tmp_
     assert {p.name for p in moved.plots.iterdir()} == EXPECTED_PLOTS
     assert moved.report_path.read_text(encoding="utf-8").count("data:image/png") == len(
         EXPECTED_PLOTS)
-    scored = ml.evaluate(moved.root, plots=tmp_path / "plots")
-    best = max((r for r in moved.read_summary()["runs"] if r["run"] == BEST),
-               key=lambda r: r["test_accuracy"])
-    assert scored.evaluation.accuracy == pytest.approx(best["test_accuracy"])
+    scored = ml.evaluate(moved.root, plots=tmp_path / "plots")  # the winner over its seeds
+    tests = {r["seed"]: r["test_accuracy"] for r in moved.read_summary()["runs"]
+             if r["run"] == BEST}
+    assert scored.per_seed == pytest.approx(tests)
+    assert scored.evaluation.accuracy == pytest.approx(np.mean(list(tests.values())))
+    # each of the three seeds scored every test image once
+    assert scored.evaluation.confusion.sum() == 3 * moved.read_summary()["sizes"]["test"]
     results = ml.load_run(moved.root)
     assert results.winner == BEST and len(results.summary) == 3
+
+
+def test_evaluate_command_on_the_run_dir_reproduces_the_summary(run_dir, tmp_path):
+    """The winner over all its seeds by default, one model with --seed; both from the stored
+    predictions, matching the summary's per-seed test accuracies."""
+    from mnistlab.cli import app
+
+    summary = run_dir.read_summary()
+    tests = {r["seed"]: r["test_accuracy"] for r in summary["runs"] if r["run"] == BEST}
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir.root), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"model: {BEST} (seeds 0, 1, 2: {run_dir.checkpoints})" in text
+    assert f"accuracy {np.mean(list(tests.values())):.4f}" in text
+    assert ", ".join(f"seed {s}: {a:.4f}" for s, a in tests.items()) in text
+    assert "held out as the test set" in text  # MNIST t10k alone: the split note is printed
+    assert {p.name for p in tmp_path.iterdir()} == {f"confusion_{BEST}.png",
+                                                   f"misclassified_{BEST}.png"}
+    one = CliRunner().invoke(app, ["evaluate", str(run_dir.root), "--seed", "1", "--out",
+                                   str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    assert f"accuracy {tests[1]:.4f}" in one.stdout and "mean over" not in one.stdout
+    assert (tmp_path / "one" / f"confusion_{BEST}-seed1.png").is_file()
+    missing = CliRunner().invoke(app, ["evaluate", str(run_dir.root), "--seed", "9"])
+    assert missing.exit_code == 2 and "no finished model" in missing.output
 
 
 def test_an_unfinished_run_dir_is_a_one_line_error(run_dir, tmp_path):
@@ -268,11 +319,20 @@ addEventListener('load', () => {
   const images = [...document.images];
   const out = document.createElement('pre');
   out.id = 'probe';
+  const bottom = selector => {
+    const found = document.querySelector(selector);
+    return found ? Math.round(found.getBoundingClientRect().bottom) : null;
+  };
   out.textContent = JSON.stringify({images: images.length, errors: __errors,
-    broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)});
+    broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+    bottom: {summary: bottom('#summary table'), main: bottom('figure.main img'),
+             viewport: innerHeight}});
   document.body.appendChild(out);
 });
 </script>"""
+
+
+FIRST_SCREEN = (1280, 900)  # a laptop's browser window
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
@@ -288,7 +348,8 @@ def browser_check(page: Path, tmp_path: Path) -> tuple[dict, list[str]]:
     probed.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + PROBE, 1),
                       encoding="utf-8")
     done = chromium(["--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-                     "--dump-dom", probed.as_uri()], tmp_path / "profile")
+                     f"--window-size={FIRST_SCREEN[0]},{FIRST_SCREEN[1]}", "--dump-dom",
+                     probed.as_uri()], tmp_path / "profile")
     found = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
     assert found, "the probe did not run: the page did not finish loading"
     result = json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">")
@@ -314,8 +375,12 @@ def test_the_probe_catches_broken_images_and_errors(tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 def test_report_renders_offline_in_chromium(run_dir, tmp_path):
     result, console = browser_check(run_dir.report_path, tmp_path)
+    bottom = result.pop("bottom")
     assert result == {"images": len(EXPECTED_PLOTS), "errors": [], "broken": []}
     assert console == []
+    # The first screen holds the summary table and the main comparison plot, whole.
+    assert bottom["viewport"] <= FIRST_SCREEN[1]
+    assert 0 < bottom["summary"] < bottom["main"] <= bottom["viewport"], bottom
     shot = tmp_path / "report.png"
     chromium([f"--screenshot={shot}", "--window-size=1280,1800", run_dir.report_path.as_uri()],
              tmp_path / "profile")

@@ -1,4 +1,5 @@
-"""Statistics over seeds, checked against scipy.stats on known inputs."""
+"""Statistics: selection on validation, the two-level bootstrap, McNemar, P(A > B), power, the
+seed's claims — each against a reference computation (scipy, closed forms, hand counts)."""
 
 import math
 
@@ -6,52 +7,131 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from mnistlab.stats import compare, convergence_step, describe, holm, summarize, welch
+from mnistlab import claims
+from mnistlab.config import PRESETS, to_dict
+from mnistlab.stats import (
+    BOOTSTRAP,
+    NO_INTERVAL,
+    Comparer,
+    bootstrap,
+    convergence_step,
+    describe,
+    holm,
+    mcnemar,
+    probability_of_improvement,
+    seeds_needed,
+    summarize,
+)
 
 A = [0.9812, 0.9790, 0.9825, 0.9801, 0.9808]
-B = [0.9755, 0.9781, 0.9749, 0.9770]
+T = 4000  # test images in the synthetic cases
 
 
-def test_describe_matches_scipy_t_interval():
+def answers(accuracy: float, seeds: int, rng: np.random.Generator) -> np.ndarray:
+    """(seeds, T) correctness with about `accuracy` right, each seed its own errors."""
+    return rng.random((seeds, T)) < accuracy
+
+
+def row(run: str, seed: int, val: float, test: float, diverged: int | None = None) -> dict:
+    return {"run": run, "seed": seed, "final_val_accuracy": val, "final_val_loss": 0.3,
+            "best_val_accuracy": val, "best_val_step": 300, "final_train_accuracy": val + 0.01,
+            "final_train_loss": 0.2, "test_accuracy": test, "test_loss": 0.3,
+            "diverged_at": diverged, "seconds": 1.0}
+
+
+def study(correct: dict[str, np.ndarray], val: dict[str, list[float]]) -> tuple[list, Comparer]:
+    """Per-seed rows whose test accuracy is the correctness matrices' own."""
+    runs = [row(name, s, val[name][s], float(c[s].mean())) for name, c in correct.items()
+            for s in range(len(c))]
+    return runs, Comparer(runs, correct)
+
+
+def test_describe_matches_scipy_t_interval_and_clips_accuracies():
     d = describe(A)
     low, high = sps.t.interval(0.95, df=len(A) - 1, loc=np.mean(A), scale=sps.sem(A))
-    assert d["n"] == 5
-    assert d["mean"] == pytest.approx(np.mean(A), abs=1e-15)
+    assert (d["n"], d["interval"]) == (5, "t over seeds")
     assert d["std"] == pytest.approx(np.std(A, ddof=1), rel=1e-12)
     assert (d["ci_low"], d["ci_high"]) == pytest.approx((low, high), rel=1e-12)
-
-
-def test_describe_small_and_degenerate_inputs():
-    assert describe([0.5]) == {"mean": 0.5, "std": 0.0, "ci_low": 0.5, "ci_high": 0.5, "n": 1}
-    empty = describe([])
-    assert empty["n"] == 0 and math.isnan(empty["mean"]) and math.isnan(empty["ci_high"])
-    # A diverged seed's NaN is left out rather than poisoning the mean.
+    near_one = describe([0.999, 1.0, 0.95], bounded=True)
+    assert near_one["ci_high"] == 1.0 and "clipped" in near_one["interval"]
+    one = describe([0.5])
+    assert one["interval"] == NO_INTERVAL and math.isnan(one["ci_low"]) and one["mean"] == 0.5
     assert describe([0.9, float("nan"), 0.8, None]) == describe([0.9, 0.8])
 
 
-def test_welch_matches_scipy():
-    t, p, note = welch(A, B)
-    expected = sps.ttest_ind(A, B, equal_var=False)
-    assert (t, p) == pytest.approx((expected.statistic, expected.pvalue), rel=1e-10)
-    assert note == ""
+@pytest.mark.parametrize("seeds", [1, 2, 3, 10])
+@pytest.mark.parametrize("accuracy", [0.0, 1.0, 0.999, 0.5])
+def test_test_accuracy_intervals_never_leave_0_1(seeds, accuracy):
+    rng = np.random.default_rng(seeds)
+    correct = {"x": answers(accuracy, seeds, rng)}
+    _, comparer = study(correct, {"x": [0.9] * seeds})
+    d = comparer.accuracy("x")
+    if seeds == 1:
+        assert d["interval"] == NO_INTERVAL and math.isnan(d["ci_low"])
+        return
+    assert d["interval"] == BOOTSTRAP
+    assert 0.0 <= d["ci_low"] <= d["mean"] <= d["ci_high"] <= 1.0
+    if accuracy in (0.0, 1.0):  # every model got every image right (wrong): no doubt at all
+        assert d["ci_low"] == d["ci_high"] == accuracy
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on constant data
-def test_welch_with_one_constant_group_matches_scipy():
-    constant = [0.9375] * 3  # exact in binary: variance exactly 0
-    t, p, _ = welch(A, constant)
-    expected = sps.ttest_ind(A, constant, equal_var=False)
-    assert (t, p) == pytest.approx((expected.statistic, expected.pvalue), rel=1e-10)
+def test_identical_seeds_give_an_interval_from_the_test_images_alone():
+    """All seeds the same model: the spread is the test set's, a binomial standard error."""
+    one = answers(0.88, 1, np.random.default_rng(0))
+    replicates = bootstrap({"x": np.repeat(one, 4, axis=0)}, replicates=4000)["x"]
+    p = one.mean()
+    assert replicates.std() == pytest.approx(math.sqrt(p * (1 - p) / T), rel=0.08)
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "why"),
-    [([0.9], [0.8, 0.85], "fewer than 2"), ([0.9, 0.9], [0.8, 0.8], "same value")],
-)
-def test_welch_undefined_cases_are_nan_with_a_reason(a, b, why):
-    t, p, note = welch(a, b)
-    assert math.isnan(t) and math.isnan(p)
-    assert why in note
+def test_the_paired_difference_has_mcnemars_standard_error():
+    """Two single models on the same images: the bootstrap's spread of the difference is the
+    closed form for paired proportions, sqrt(b + c − (b − c)²/n) / n; far below the unpaired
+    one, which the pairing is for."""
+    rng = np.random.default_rng(1)
+    a = rng.random(T) < 0.9
+    b = np.where(rng.random(T) < 0.03, ~a, a)  # disagrees with a on 3 % of the images
+    reps = bootstrap({"a": a[None], "b": b[None]}, replicates=4000)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    paired = math.sqrt(only_a + only_b - (only_a - only_b) ** 2 / T) / T
+    assert (reps["a"] - reps["b"]).std() == pytest.approx(paired, rel=0.08)
+    unpaired = math.sqrt(a.mean() * (1 - a.mean()) / T + b.mean() * (1 - b.mean()) / T)
+    assert paired < unpaired / 2
+
+
+def test_bootstrap_is_reproducible_and_resamples_seeds():
+    rng = np.random.default_rng(2)
+    correct = {"x": answers(0.8, 3, rng), "y": answers(0.7, 5, rng)}
+    first, again = bootstrap(correct), bootstrap(correct)
+    assert all(np.array_equal(first[k], again[k]) for k in correct)
+    # With the images fixed (one image drawn back each time), only the seeds vary: every
+    # replicate is a mean of resampled per-seed accuracies, within their range.
+    per_seed = correct["x"].mean(1)
+    assert per_seed.min() - 0.05 < first["x"].min() and first["x"].max() < per_seed.max() + 0.05
+
+
+def test_mcnemar_matches_the_exact_binomial_reference():
+    a = np.array([True] * 10 + [False] * 2 + [True] * 50 + [False] * 30)
+    b = np.array([False] * 10 + [True] * 2 + [True] * 50 + [False] * 30)
+    result = mcnemar(a, b)
+    assert (result["a_only"], result["b_only"]) == (10, 2)
+    # statsmodels' mcnemar(exact=True): two-sided binomial on the discordant pairs.
+    assert result["p"] == pytest.approx(min(1.0, 2 * sps.binom.cdf(2, 12, 0.5)))
+    assert result["p"] == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar(a, a)["p"] == 1.0
+
+
+def test_probability_of_improvement_counts_seed_pairs():
+    # (0.9 > 0.85) + (0.9 > 0.8) + (0.8 < 0.85) + (0.8 = 0.8, half) over four pairs
+    assert probability_of_improvement([0.9, 0.8], [0.85, 0.8]) == pytest.approx(2.5 / 4)
+    assert probability_of_improvement(A, [0.5] * 3) == 1.0
+
+
+def test_seeds_needed_matches_the_textbook_power_calculation():
+    """d = 1 at α = 0.05 two-sided and 80 % power needs 17 per group (Cohen's tables)."""
+    assert seeds_needed(diff=0.01, sd_a=0.01, sd_b=0.01) == 17
+    assert seeds_needed(diff=0.02, sd_a=0.01, sd_b=0.01) < 17
+    assert seeds_needed(diff=0.0, sd_a=0.01, sd_b=0.01) is None
+    assert seeds_needed(diff=0.01, sd_a=0.0, sd_b=0.0) is None
 
 
 def test_holm_adjustment():
@@ -62,57 +142,51 @@ def test_holm_adjustment():
     assert holm([0.9, 0.8]) == [1.0, 1.0]
 
 
-def test_compare_best_against_the_rest():
-    groups = {"b": B, "a": A, "c": [0.90, 0.91, 0.92], "flat": [0.97]}
-    result = compare(groups, alpha=0.05)
-    assert result["best"] == "a"
-    assert "Welch" in result["test"] and result["alpha"] == 0.05
-    pairs = {p["b"]: p for p in result["pairs"]}
-    assert set(pairs) == {"b", "c", "flat"} and all(p["a"] == "a" for p in pairs.values())
-    p_b = sps.ttest_ind(A, B, equal_var=False).pvalue
-    p_c = sps.ttest_ind(A, groups["c"], equal_var=False).pvalue
-    assert pairs["b"]["p"] == pytest.approx(p_b)
-    assert pairs["b"]["diff"] == pytest.approx(np.mean(A) - np.mean(B))
-    # Two valid tests: the smaller p is doubled, the larger kept (if still larger).
-    small, large = sorted([p_b, p_c])
-    assert sorted([pairs["b"]["p_holm"], pairs["c"]["p_holm"]]) == pytest.approx(
-        [2 * small, max(2 * small, large)]
-    )
-    assert pairs["c"]["significant"] is True
-    assert math.isnan(pairs["flat"]["p"]) and pairs["flat"]["significant"] is False
-    assert "fewer than 2" in pairs["flat"]["note"]
+def test_the_winner_is_chosen_on_validation_even_where_the_test_set_disagrees():
+    rng = np.random.default_rng(3)
+    correct = {"test-better": answers(0.93, 3, rng), "val-better": answers(0.90, 3, rng)}
+    val = {"test-better": [0.91, 0.92, 0.91], "val-better": [0.95, 0.95, 0.96]}
+    _, comparer = study(correct, val)
+    result = summarize({name: {} for name in correct}, comparer)
+    selection = result["selection"]
+    assert selection["winner"] == "val-better"
+    assert selection["ranking"] == ["val-better", "test-better"]
+    assert selection["seed"] == 2  # the winner's seed with the best validation accuracy
+    (pair,) = result["comparisons"]["pairs"]
+    assert (pair["a"], pair["b"]) == ("val-better", "test-better")
+    assert pair["diff"] < 0 and pair["ci_high"] < 0  # the test set says otherwise, and says so
+    assert len(pair["mcnemar"]) == 3 and pair["p_a_beats_b"] == 0.0
+    assert result["power"]["a"] == "val-better" and result["warnings"] == []
 
 
-def test_compare_degenerate_groups():
-    assert compare({"only": [0.9, 0.91]})["pairs"] == []
-    nothing = compare({"x": [float("nan")], "y": []})
-    assert nothing["best"] is None and nothing["pairs"] == []
-    dead = compare({"ok": [0.9, 0.91], "dead": [float("nan")] * 2})
-    assert dead["pairs"][0]["significant"] is False and "diverged" in dead["pairs"][0]["note"]
+def test_few_seeds_are_said_and_diverged_seeds_left_out():
+    rng = np.random.default_rng(4)
+    correct = {"a": answers(0.9, 2, rng), "b": answers(0.8, 2, rng)}
+    runs, comparer = study(correct, {"a": [0.9, 0.9], "b": [0.8, 0.8]})
+    assert "only 2 seeds" in summarize({"a": {}, "b": {}}, comparer)["warnings"][0]
+    single = {"a": correct["a"][:1], "b": correct["b"][:1]}
+    runs, comparer = study(single, {"a": [0.9], "b": [0.8]})
+    result = summarize({"a": {}, "b": {}}, comparer)
+    (pair,) = result["comparisons"]["pairs"]
+    assert pair["note"] == NO_INTERVAL and math.isnan(pair["p"]) and not pair["significant"]
+    assert result["configs"][0]["test_accuracy"]["interval"] == NO_INTERVAL
+    assert "1 seed" in result["warnings"][0]
+    runs = [row("a", 0, 0.9, 0.9), row("a", 1, math.nan, math.nan, diverged=40)]
+    comparer = Comparer(runs, {"a": correct["a"][:1]})
+    entry = summarize({"a": {}}, comparer)["configs"][0]
+    assert entry["n"] == 2 and entry["diverged"] == 1 and entry["test_accuracy"]["n"] == 1
+    assert entry["train_val_gap"]["mean"] == pytest.approx(0.01)  # train − val, finite seed
+    assert "seconds" not in entry  # wall-clock time would make reruns differ
 
 
-def test_summarize_builds_configs_and_comparisons():
-    def row(run, seed, test, train=0.99, val=0.97, diverged=None):
-        return {"run": run, "seed": seed, "final_val_accuracy": val, "final_val_loss": 0.1,
-                "best_val_accuracy": val + 0.002, "best_val_step": 300,
-                "final_train_accuracy": train, "final_train_loss": 0.03, "test_accuracy": test,
-                "test_loss": 0.1, "diverged_at": diverged, "seconds": 10.0 + seed}
-
-    rows = [row("base", s, t, train=0.995) for s, t in enumerate(B[:3])]
-    rows += [row("reg", s, t, train=0.975) for s, t in enumerate(A[:3])]
-    rows += [row("reg", 3, float("nan"), diverged=150)]
-    configs, comparisons = summarize(rows, {"base": {"lr": 0.01}, "reg": {"lr": 0.001}})
-    assert [c["run"] for c in configs] == ["base", "reg"]
-    base, reg = configs
-    assert base["config"] == {"lr": 0.01} and base["n"] == 3 and base["diverged"] == 0
-    assert base["test_accuracy"] == describe(B[:3])
-    assert base["train_val_gap"]["mean"] == pytest.approx(0.995 - 0.97)
-    assert "seconds" not in base  # wall-clock time would make reruns differ
-    assert reg["n"] == 4 and reg["diverged"] == 1 and reg["test_accuracy"]["n"] == 3
-    assert comparisons["best"] == "reg"
-    assert comparisons["pairs"][0]["p"] == pytest.approx(
-        sps.ttest_ind(A[:3], B[:3], equal_var=False).pvalue
-    )
+def test_pairs_are_holm_corrected_over_all_pairs():
+    rng = np.random.default_rng(5)
+    correct = {n: answers(acc, 3, rng) for n, acc in (("a", 0.9), ("b", 0.85), ("c", 0.84))}
+    _, comparer = study(correct, {"a": [0.9] * 3, "b": [0.85] * 3, "c": [0.84] * 3})
+    pairs = summarize({n: {} for n in correct}, comparer)["comparisons"]["pairs"]
+    assert [(p["a"], p["b"]) for p in pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert [p["p_holm"] for p in pairs] == pytest.approx(holm([p["p"] for p in pairs]))
+    assert pairs[0]["significant"] and pairs[1]["significant"]
 
 
 def test_convergence_step():
@@ -121,3 +195,44 @@ def test_convergence_step():
     assert convergence_step(steps, [0.5, 0.9, 0.92, 0.98]) == 300
     assert convergence_step(steps, [0.5, 0.9, 0.92, float("nan")]) is None
     assert convergence_step([], []) is None
+
+
+# --- the seed's claims -----------------------------------------------------------------------
+
+
+def _pair(table: dict[tuple[str, str], tuple[float, float, float]]):
+    def pair(a: str, b: str) -> dict:
+        diff, low, high = table[a, b]
+        return {"a": a, "b": b, "diff": diff, "ci_low": low, "ci_high": high}
+    return pair
+
+
+def test_claims_apply_only_to_the_five_presets():
+    presets = {name: to_dict(c) for name, c in PRESETS.items()}
+    assert claims.applies(presets)
+    assert not claims.applies({**presets, "baseline": {**presets["baseline"], "lr": 0.02}})
+    assert not claims.applies({k: v for k, v in presets.items() if k != "lr1e-4-p0.6"})
+
+
+def test_claim_verdicts_follow_the_intervals():
+    baseline = {"run": "baseline",
+                "final_val_accuracy": {"mean": 0.897, "ci_low": 0.89, "ci_high": 0.905, "n": 5}}
+    table = {
+        ("layernorm-dropout", "baseline"): (0.004, -0.001, 0.009),  # straddles zero
+        ("lr1e-3-p0.2", "lr5e-4-p0.4"): (0.01, 0.004, 0.016),
+        ("lr1e-3-p0.2", "lr1e-4-p0.6"): (0.03, 0.02, 0.04),
+        ("lr5e-4-p0.4", "lr1e-4-p0.6"): (0.02, 0.01, 0.03),
+    }
+    steps = {"lr1e-3-p0.2": 150, "lr5e-4-p0.4": 225, "lr1e-4-p0.6": 600}
+    verdicts = [c["verdict"] for c in claims.check([baseline], _pair(table), steps)]
+    # about 90 %: yes; beats baseline: not shown; best tuned: yes; slowest but gets there:
+    # slowest yes, but 2–4 points behind, so it does not get there
+    assert verdicts == ["supported", "inconclusive", "supported", "contradicted"]
+    table["lr1e-3-p0.2", "lr1e-4-p0.6"] = (0.002, -0.003, 0.008)
+    table["lr1e-3-p0.2", "lr5e-4-p0.4"] = (-0.01, -0.016, -0.004)
+    table["lr5e-4-p0.4", "lr1e-4-p0.6"] = (0.001, -0.004, 0.006)
+    baseline["final_val_accuracy"] |= {"ci_low": 0.95, "ci_high": 0.97}
+    evidence = claims.check([baseline], _pair(table), steps)
+    assert [c["verdict"] for c in evidence] == ["contradicted", "inconclusive", "contradicted",
+                                                 "supported"]
+    assert "lr1e-4-p0.6 at iteration 600" in evidence[3]["evidence"]

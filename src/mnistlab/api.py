@@ -36,8 +36,8 @@ from mnistlab.config import (
 from mnistlab.data import Source, load
 from mnistlab.data.npz import arrays_source
 from mnistlab.errors import ConfigError, MnistlabError
-from mnistlab.evaluation import Evaluation, Predictions, evaluation
-from mnistlab.evaluation import evaluate as score
+from mnistlab.evaluation import Evaluation, Predictions, evaluation, pool
+from mnistlab.evaluation import predictions as score
 from mnistlab.experiment import pipeline
 from mnistlab.experiment.sweep import SweepSpec, name_of, sweep_from_dict
 from mnistlab.experiment.trials import Experiment, from_sweep
@@ -168,62 +168,81 @@ def load_model(path: str | Path) -> Checkpoint:
 
 @dataclass(frozen=True)
 class Scored:
-    """A model scored on a labelled set: which model, on what, the metrics, the plots written."""
+    """A model (or a configuration over its seeds) scored on a labelled set."""
 
-    model: str  # the checkpoint file
+    model: str  # which model: a checkpoint file, or a configuration and its seeds
     data: str  # what it was scored on
     note: str  # how that set was made, where it needs saying
-    evaluation: Evaluation
+    evaluation: Evaluation  # over several seeds: mean accuracy and loss, summed confusion
     classes: tuple[str, ...]
+    per_seed: dict[int, float]  # test accuracy of each seed
     plots: list[Path]
 
 
-def evaluate(target: str | Path, *, data: Data | None = None,
-             plots: str | Path | None = None) -> Scored:
-    """Test accuracy, per-class scores, confusion matrix and worst errors of a model.
+def evaluate(target: str | Path, *, data: Data | None = None, run: str | None = None,
+             seed: int | None = None, plots: str | Path | None = None) -> Scored:
+    """Test accuracy, per-class scores, confusion matrix and worst errors.
 
-    `target` is a run directory (its winner, from the stored test predictions: no data needed;
-    with `data`, its checkpoint scored on that source's test part) or a checkpoint file (needs
-    `data`). The confusion and misclassified plots go to `plots`, by default the run
-    directory's plots/ or the checkpoint's folder.
+    `target` is a run directory or a checkpoint file. A run directory gives its winner (chosen
+    on validation) over all its seeds — mean accuracy, each seed's, the confusion matrix summed
+    — or the single model `run`/`seed` when asked, read from the stored test predictions (no
+    data needed); with `data`, the checkpoints are scored on that source's test part instead. A
+    checkpoint needs `data`. The confusion and misclassified plots go to `plots`, by default the
+    run directory's plots/ or the checkpoint's folder.
     """
     target = Path(target)
     if target.is_dir():
-        scored = _score_run(RunDir.existing(target), data)
-        folder = Path(plots or RunDir(target).plots)
+        run_dir = RunDir.existing(target)
+        summary = run_dir.read_summary()
+        name = run or stats.winner(summary)
+        seeds = _finished_seeds(run_dir, summary, name, seed)
+        shown = seed if seed is not None else stats.winner_seed(summary) \
+            if name == stats.winner(summary) else seeds[0]
+        paths = {s: run_dir.model_path(name, s) for s in seeds}
+        if data is None:
+            answers = {s: Predictions.load(run_dir.predictions_path(name, s)) for s in seeds}
+            where = (f"test part of {summary['data']} ({len(answers[shown].labels)} images, "
+                     "stored predictions)")
+            note = summary.get("split_note", "")
+        else:
+            answers, where, note = _answers(paths, data)
+        stem = name if seed is None else f"{name}-seed{seed}"
+        model = f"{stem} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: " \
+                f"{run_dir.checkpoints})"
+        folder = Path(plots or run_dir.plots)
     elif target.is_file():
-        scored = _score_checkpoint(target, data)
-        folder = Path(plots or target.parent)
+        shown, stem, model, folder = 0, target.stem, str(target), Path(plots or target.parent)
+        answers, where, note = _answers({0: target}, data)
     else:
         raise MnistlabError(f"{target}: no such file or run directory; pass a run directory or "
                             "a .safetensors checkpoint")
-    name = Path(scored.model).stem
-    written = evaluation_plots(scored.evaluation, scored.classes, folder, name)
-    return dataclasses.replace(scored, plots=written)
+    ev = pool(answers, shown)
+    per_seed = {s: evaluation(a).accuracy for s, a in answers.items()} if target.is_dir() else {}
+    written = evaluation_plots(ev, answers[shown].classes, folder, stem)
+    return Scored(model, where, note, ev, answers[shown].classes, per_seed, written)
 
 
-def _score_run(run: RunDir, data: Data | None) -> Scored:
-    summary = run.read_summary()
-    name, seed = stats.winner(summary), stats.winner_seed(summary)
-    if seed is None:
-        raise MnistlabError(f"{run.summary_path}: no configuration has a finished model to "
-                            "score (every run diverged); pass a CHECKPOINT instead")
-    path = run.model_path(name, seed)
-    if data is not None:
-        return _score_checkpoint(path, data)
-    predictions = Predictions.load(run.predictions_path(name, seed))
-    where = f"test part of {summary['data']} ({len(predictions.labels)} images, stored " \
-            "predictions)"
-    return Scored(str(path), where, summary.get("split_note", ""), evaluation(predictions),
-                  predictions.classes, [])
+def _finished_seeds(run_dir: RunDir, summary: Mapping[str, Any], name: str,
+                    seed: int | None) -> list[int]:
+    finished = [r["seed"] for r in summary["runs"]
+                if r["run"] == name and r.get("diverged_at") is None]
+    seeds = finished if seed is None else [s for s in finished if s == seed]
+    if not seeds:
+        raise MnistlabError(
+            f"{run_dir.root}: no finished model {name}"
+            f"{'' if seed is None else f' seed {seed}'}; its configurations are "
+            f"{', '.join(c['run'] for c in summary['configs'])}, with seeds "
+            f"{', '.join(map(str, summary['seeds']))}")
+    return seeds
 
 
-def _score_checkpoint(path: Path, data: Data | None) -> Scored:
-    """A checkpoint on a source's test part, or its training part (said so) when it has none."""
+def _answers(paths: Mapping[int, Path],
+             data: Data | None) -> tuple[dict[int, Predictions], str, str]:
+    """Checkpoints' answers on a source's test part, or on its training part (said so in the
+    note) when it has none; and what that part is."""
     if data is None:
-        raise MnistlabError(f"{path}: a checkpoint alone has no data to score; "
-                            "pass --data mnist|fashion-mnist|PATH (or a RUN_DIR instead)")
-    ckpt = load_checkpoint(path)
+        raise MnistlabError(f"{next(iter(paths.values()))}: a checkpoint alone has no data to "
+                            "score; pass --data mnist|fashion-mnist|PATH (or a RUN_DIR instead)")
     name, source = _data(data)
     source = source or load(name, progress=False)
     part, note = source.test, ""
@@ -231,8 +250,8 @@ def _score_checkpoint(path: Path, data: Data | None) -> Scored:
         part = source.train
         note = (f"{name} has no labelled test part: scored on its training part, which the "
                 "model may have seen")
-    where = f"{part.origin} ({len(part)} images)"
-    return Scored(str(path), where, note, score(ckpt, part), ckpt.inputs.classes, [])
+    answers = {s: score(load_checkpoint(p), part) for s, p in paths.items()}
+    return answers, f"{part.origin} ({len(part)} images)", note
 
 
 def predict(model: str | Path | Checkpoint, images: Any) -> list[ImagePrediction]:

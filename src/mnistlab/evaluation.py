@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import torch
+from annotated_types import MinLen
 from safetensors.numpy import save
 
 from mnistlab.data import Dataset
-from mnistlab.errors import DataError
-from mnistlab.model import Checkpoint, read_safetensors
+from mnistlab.errors import CheckpointError, ConfigError, DataError
+from mnistlab.model import Checkpoint, json_field, read_safetensors
+from mnistlab.validation import Text, validate
 
 PREDICTIONS_FORMAT = "mnistlab-predictions/1"
 WORST = 25  # confident errors kept per model, with their images, for the misclassified grid
@@ -76,11 +79,42 @@ class Predictions:
         fix = ("delete that model's stack file (checkpoints/stack-*.json naming it) and finish "
                "the run with --resume, which retrains that stack")
         tensors, meta = read_safetensors(path, PREDICTIONS_FORMAT, "predictions file", fix)
-        arrays = {k: v.numpy() for k, v in tensors.items()}
-        return cls(arrays["labels"].astype(np.int64), arrays["predicted"].astype(np.int64),
-                   arrays["probability"], arrays["true_probability"],
-                   tuple(json.loads(meta["classes"])), arrays["worst_index"],
-                   arrays["worst_images"])
+        try:
+            classes = validate(_CLASSES, json_field(meta, "classes"), "classes")
+            a = _arrays(tensors, len(classes))
+        except (ValueError, ConfigError) as exc:
+            raise CheckpointError(f"{path}: damaged predictions file ({exc}); {fix}") from None
+        return cls(a["labels"].astype(np.int64), a["predicted"].astype(np.int64),
+                   a["probability"], a["true_probability"], classes, a["worst_index"],
+                   a["worst_images"])
+
+
+# What Predictions.to_bytes writes: each array's dtype and number of dimensions.
+_LAYOUT = {"labels": (torch.int16, 1), "predicted": (torch.int16, 1),
+           "probability": (torch.float32, 1), "true_probability": (torch.float32, 1),
+           "worst_index": (torch.int64, 1), "worst_images": (torch.uint8, 3)}
+_CLASSES = Annotated[tuple[Text, ...], MinLen(1), "must be a list of class names"]
+
+
+def _arrays(tensors: Mapping[str, torch.Tensor], n_classes: int) -> dict[str, np.ndarray]:
+    """A predictions file's arrays, checked to be what Predictions.to_bytes writes (ValueError
+    naming the first that is not): every later computation can then trust them."""
+    if set(tensors) != set(_LAYOUT):
+        raise ValueError(f"holds {sorted(tensors)}, not {sorted(_LAYOUT)}")
+    for key, (dtype, ndim) in _LAYOUT.items():
+        if tensors[key].dtype != dtype or tensors[key].ndim != ndim:
+            raise ValueError(f"{key} is {tensors[key].dtype} {tuple(tensors[key].shape)}, not "
+                             f"{ndim}-dimensional {dtype}")
+    a = {k: v.numpy() for k, v in tensors.items()}
+    n = len(a["labels"])
+    if any(len(a[k]) != n for k in ("predicted", "probability", "true_probability")):
+        raise ValueError("labels, predicted and probabilities differ in length")
+    for key, high in (("labels", n_classes), ("predicted", n_classes), ("worst_index", n)):
+        if len(a[key]) and not 0 <= a[key].min() <= a[key].max() < high:
+            raise ValueError(f"{key} outside 0..{high - 1}")
+    if len(a["worst_index"]) != len(a["worst_images"]):
+        raise ValueError("worst_index and worst_images differ in length")
+    return a
 
 
 @dataclass(frozen=True)
@@ -127,6 +161,18 @@ def evaluation(p: Predictions) -> Evaluation:
                      image) for i, image in zip(p.worst_index, p.worst_images, strict=True)]
     accuracy = float(np.trace(confusion) / n) if n else math.nan
     return Evaluation(accuracy, loss, confusion, worst)
+
+
+def pool(by_seed: Mapping[int, Predictions], shown: int) -> Evaluation:
+    """One configuration over its seeds: mean accuracy and loss, the confusion matrix summed
+    (each seed scored every image once), and the worst errors of the `shown` seed."""
+    per_seed = [evaluation(p) for p in by_seed.values()]
+    return Evaluation(
+        accuracy=float(np.mean([e.accuracy for e in per_seed])),
+        loss=float(np.mean([e.loss for e in per_seed])),
+        confusion=np.sum([e.confusion for e in per_seed], axis=0),
+        worst=evaluation(by_seed[shown]).worst,
+    )
 
 
 def _check(ckpt: Checkpoint, dataset: Dataset) -> None:

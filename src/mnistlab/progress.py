@@ -38,6 +38,7 @@ class Progress:
         self._task: Any = None
         self._label = ""
         self._best: dict[str, float] = {}
+        self._epoch = 0
 
     def note(self, text: str) -> None:
         if not self.quiet:
@@ -46,30 +47,37 @@ class Progress:
     def stack_started(self, index: int, count: int, configurations: Sequence[str], models: int,
                       steps: int) -> None:
         self._label = f"stack {index + 1}/{count}" if count > 1 else "training"
-        self._best = {}
+        self._best, self._epoch = {}, 0
         seeds = models // len(configurations)
         shape = (f"{len(configurations)} configuration{'s' * (len(configurations) != 1)} × "
                  f"{seeds} seed{'s' * (seeds != 1)}")
         self.note(f"{self._label}: {models} model{'s' * (models != 1)} ({shape}): "
                   + ", ".join(configurations))
         if self.live and not self.quiet:
-            self._bar = Bar(TextColumn("{task.description}"), BarColumn(bar_width=24),
-                            MofNCompleteColumn(), TimeRemainingColumn(), console=self.console)
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(bar_width=20),
+                            MofNCompleteColumn(), TextColumn("epoch {task.fields[epoch]}"),
+                            TimeRemainingColumn(), TextColumn("{task.fields[best]}"),
+                            console=self.console)
             self._bar.start()
-            self._task = self._bar.add_task(self._label, total=steps)
+            self._task = self._bar.add_task(self._label, total=steps, epoch="0.00", best="")
 
     def record(self, event: Any) -> None:
         for row in event.rows:
             if row["split"] == "val":
-                key = f"{row['run']} seed{row['seed']}"
+                key = f"{row['run']} s{row['seed']}"
                 self._best[key] = max(self._best.get(key, 0.0), row["accuracy"])
         best_key = max(self._best, key=self._best.get, default="")
         best = f"best val acc {self._best[best_key]:.4f} ({best_key})" if best_key else ""
-        text = f"{self._label} epoch {event.epoch:.2f} step {event.step}/{event.total_steps} {best}"
         if self._bar is not None:
-            self._bar.update(self._task, completed=event.step, description=text)
+            self._bar.update(self._task, completed=event.step, epoch=f"{event.epoch:.2f}",
+                             best=best)
         else:
-            self.note(text)
+            self.note(f"{self._label} epoch {event.epoch:.2f} step {event.step}/"
+                      f"{event.total_steps} {best}")
+        if self.verbose and int(event.epoch) > self._epoch:
+            self._epoch = int(event.epoch)
+            for line in epoch_lines(event.rows, self._epoch):
+                self.note(line)
 
     def log(self, line: str) -> None:
         if self.verbose:
@@ -79,3 +87,16 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def epoch_lines(rows: Sequence[dict], epoch: int) -> list[str]:
+    """Keras' end-of-epoch line per configuration, mean over its seeds at the record that ends
+    the epoch: `epoch 3 lr1e-3-p0.2: loss 0.3412 - acc 0.8765 - val_loss 0.3567 - val_acc ...`."""
+    by_run: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        prefix = "" if r["split"] == "train" else "val_"
+        for metric, short in (("loss", "loss"), ("accuracy", "acc")):
+            by_run.setdefault(r["run"], {}).setdefault(prefix + short, []).append(r[metric])
+    return [f"epoch {epoch} {run}: " + " - ".join(
+        f"{key} {sum(v) / len(v):.4f}" for key, v in values.items()) for run, values in
+        by_run.items()]

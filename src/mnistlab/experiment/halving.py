@@ -16,11 +16,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
 from mnistlab.config import Schedule
 from mnistlab.experiment.executor import Outcome
 from mnistlab.experiment.trials import Experiment, Trial
+from mnistlab.stats import SELECTION, describe
 
 ETA = 3  # the best 1/ETA go on at each rung; rungs are ETA times longer
 
@@ -39,15 +38,14 @@ def rung_schedule(schedule: Schedule, rung: int, rungs: int) -> Schedule:
 
 
 def rank(names: Sequence[str], outcomes: Sequence[Outcome]) -> list[str]:
-    """`names` best first by final validation accuracy, mean over seeds, in `outcomes`.
-
-    Ties keep the given order; a configuration whose seeds all diverged ranks last.
-    """
+    """`names` best first by mean final validation accuracy over seeds in `outcomes` (as
+    mnistlab.stats ranks: a diverged seed is left out). Ties keep the given order; a
+    configuration whose seeds all diverged ranks last."""
     val: dict[str, list[float]] = {}
     for outcome in outcomes:
         for run in outcome.runs:
-            val.setdefault(run["run"], []).append(run["final_val_accuracy"])
-    score = {name: float(np.mean(v)) for name, v in val.items()}
+            val.setdefault(run["run"], []).append(run[SELECTION])
+    score = {name: describe(v)["mean"] for name, v in val.items()}
     score = {k: v if math.isfinite(v) else -math.inf for k, v in score.items()}
     return sorted(names, key=lambda name: -score[name])
 

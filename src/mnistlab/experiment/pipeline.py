@@ -9,10 +9,13 @@ epoch-end state: an interrupted run ends with the same numbers as an uninterrupt
 from __future__ import annotations
 
 import contextlib
+import shlex
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from mnistlab.board import Board
 from mnistlab.config import study_to_toml
 from mnistlab.data import Source, load, make_splits
 from mnistlab.data.dataset import Splits
@@ -74,18 +77,59 @@ def run(
         if not experiment.study.stack_size:
             size = executor.stack_size(experiment.trials(), splits, device)
             experiment = experiment.with_stack_size(size)
-        run_dir = resume or _new_run_dir(experiment, out)
+        run_dir = _open(experiment, out, resume)
+        board = Board(run_dir.tensorboard, {c.name: (c, experiment.schedule(c.name))
+                                            for c in experiment.study.runs})
+        watch = _AlsoLogged(watch, board)
         _notes(watch, experiment, run_dir, splits)
         run_dir.write_env(environment({"seeds": list(experiment.study.seeds),
-                                       "backend": executor.name}, device))
-        train_rung = _rung_trainer(run_dir, splits, experiment, executor, device, watch)
-        if experiment.halving:
-            outcomes, rungs = successive_halving(experiment, train_rung)
-        else:
-            outcomes, rungs = train_rung("", experiment.trials()), None
+                                       "backend": executor.name, "command": _command()}, device))
+        train_rung = _rung_trainer(run_dir, splits, experiment, executor, device, watch, board)
+        try:
+            if experiment.halving:
+                outcomes, rungs = successive_halving(experiment, train_rung)
+            else:
+                outcomes, rungs = train_rung("", experiment.trials()), None
+        except KeyboardInterrupt as exc:
+            exc.run_dir = run_dir.root  # where to resume: the command line says so
+            raise
     run_dir.write_metrics(latest(outcomes)[0])
-    run_dir.write_summary(summarize(experiment, splits, outcomes, rungs, executor.name))
+    summary = summarize(experiment, run_dir, splits, outcomes, rungs, executor.name)
+    run_dir.write_summary(summary)
+    board.finish(summary["runs"])
     return run_dir
+
+
+def _open(experiment: Experiment, out: Path, resume: RunDir | None) -> RunDir:
+    """The run directory: a new one, or the resumed one cleared of a killed run's unfinished
+    writes (this run owns it now)."""
+    if resume is None:
+        return _new_run_dir(experiment, out)
+    resume.remove_temp_files()
+    return resume
+
+
+def _command() -> str | None:
+    """The command line, when mnistlab's command ran this (for env.json and the report's
+    footer); None from Python, where the run directory's own file is the record."""
+    program = Path(sys.argv[0])
+    ran = program.name == "mnistlab" or program.parts[-2:] == ("mnistlab", "cli.py")
+    return shlex.join(["mnistlab", *sys.argv[1:]]) if ran else None
+
+
+class _AlsoLogged:
+    """The caller's watcher, with every record also appended to TensorBoard's event files (and
+    a stack trained elsewhere logged when its result comes back)."""
+
+    def __init__(self, watch: Watcher, board: Board):
+        self.watch, self.board = watch, board
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.watch, name)
+
+    def record(self, event: Any) -> None:
+        self.board.record(event)
+        self.watch.record(event)
 
 
 def _new_run_dir(experiment: Experiment, out: Path) -> RunDir:
@@ -112,7 +156,7 @@ def _notes(watch: Watcher, experiment: Experiment, run_dir: RunDir, splits: Spli
 
 def _rung_trainer(
     run_dir: RunDir, splits: Splits, experiment: Experiment, executor: Executor, device: str,
-    watch: Watcher,
+    watch: Watcher, board: Board,
 ) -> Callable[[str, Sequence[Trial]], list[Outcome]]:
     """A function that trains trials (one rung) and returns their outcomes in plan order.
 
@@ -127,6 +171,7 @@ def _rung_trainer(
         todo = [job for job in jobs if job.key not in done]
         for job, result in executor.run(todo, splits, device, watch, run_dir.state_path):
             done[job.key] = _record(run_dir, job, result)
+            board.add_rows(result.outcome.rows)
             run_dir.write_metrics(latest(earlier + [done[j.key] for j in jobs
                                                     if j.key in done])[0])
         outcomes = [done[job.key] for job in jobs]

@@ -3,15 +3,20 @@ figures, built from the outcomes of an experiment's jobs."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-from mnistlab import stats
+import numpy as np
+
+from mnistlab import claims, stats
 from mnistlab.config import SCHEDULE_FIELDS, to_dict
 from mnistlab.data.dataset import Splits
+from mnistlab.evaluation import Predictions
 from mnistlab.experiment.executor import Outcome, steps_per_epoch
 from mnistlab.experiment.halving import ETA, rank
 from mnistlab.experiment.trials import Experiment
+from mnistlab.runs import RunDir
 
 
 def latest(outcomes: Sequence[Outcome]) -> tuple[list[dict], list[dict]]:
@@ -31,15 +36,24 @@ def latest(outcomes: Sequence[Outcome]) -> tuple[list[dict], list[dict]]:
     return [r for rs in rows.values() for r in rs], list(runs.values())
 
 
-def summarize(experiment: Experiment, splits: Splits, outcomes: Sequence[Outcome],
-              rungs: list[dict] | None, backend: str) -> dict[str, Any]:
-    """The whole summary; a sweep adds each configuration's rung and schedule and a "sweep"
-    section (axes, winner, halving savings)."""
+def summarize(experiment: Experiment, run_dir: RunDir, splits: Splits,
+              outcomes: Sequence[Outcome], rungs: list[dict] | None,
+              backend: str) -> dict[str, Any]:
+    """The whole summary. The statistics read each model's stored test predictions (the
+    bootstrap and McNemar's test pair the models on the same images). A sweep adds its own
+    section (axes, rungs, halving savings); a run of the five seed presets, the seed's claims."""
     study = experiment.study
-    runs = latest(outcomes)[1]
+    rows, runs = latest(outcomes)
     order = {c.name: i for i, c in enumerate(study.runs)}
     runs.sort(key=lambda r: (order[r["run"]], r["seed"]))
-    configs, comparisons = stats.summarize(runs, {c.name: to_dict(c) for c in study.runs})
+    configs = {c.name: to_dict(c) for c in study.runs}
+    if experiment.sweep is not None:
+        rungs = rungs or [_single_rung(experiment, outcomes)]
+        _schedule_fields(experiment, configs)
+    reached = {name: (i, e) for i, rung in enumerate(rungs or [])
+               for name, e in zip(rung["configs"], rung["epochs"], strict=True)}
+    comparer = stats.Comparer(runs, _correct(run_dir, runs))
+    statistics = stats.summarize(configs, comparer, reached)
     summary = {
         "kind": experiment.kind,
         "study": study.name,
@@ -52,13 +66,35 @@ def summarize(experiment: Experiment, splits: Splits, outcomes: Sequence[Outcome
         "seconds": sum(o.seconds for o in outcomes),
         "steps_per_epoch": steps_per_epoch(len(splits.train), study.schedule),
         "runs": runs,
-        "configs": configs,
-        "comparisons": comparisons,
+        **statistics,
+        "claims": _claims(configs, statistics["configs"], rows, comparer),
     }
     if experiment.sweep is not None:
-        rungs = rungs or [_single_rung(experiment, outcomes)]
-        summary["sweep"] = _sweep_section(experiment, configs, len(outcomes), rungs, backend)
+        summary["sweep"] = _sweep_section(experiment, summary, len(outcomes), rungs, backend)
     return summary
+
+
+def _correct(run_dir: RunDir, runs: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Per configuration, (seeds, test images) booleans: which images each finished model got
+    right, from its stored predictions."""
+    correct: dict[str, list[np.ndarray]] = {}
+    for r in runs:
+        if math.isfinite(r["test_accuracy"]):
+            p = Predictions.load(run_dir.predictions_path(r["run"], r["seed"]))
+            correct.setdefault(r["run"], []).append(p.predicted == p.labels)
+    return {name: np.stack(rows) for name, rows in correct.items()}
+
+
+def _claims(configs: dict[str, dict], entries: list[dict], rows: list[dict],
+            comparer: stats.Comparer) -> list[dict[str, str]] | None:
+    """The seed study's claims with verdicts, when its five presets are in the run."""
+    if not claims.applies(configs):
+        return None
+    convergence = {}
+    for name in configs:
+        steps, mean, _, _ = stats.seed_band(rows, name, "val", "accuracy")
+        convergence[name] = stats.convergence_step(steps, mean)
+    return claims.check(entries, comparer.pair, convergence)
 
 
 def _single_rung(experiment: Experiment, outcomes: Sequence[Outcome]) -> dict[str, Any]:
@@ -67,17 +103,18 @@ def _single_rung(experiment: Experiment, outcomes: Sequence[Outcome]) -> dict[st
     return {"epochs": epochs, "configs": names, "kept": rank(names, outcomes)}
 
 
-def _sweep_section(experiment: Experiment, configs: list[dict], stacks: int,
+def _schedule_fields(experiment: Experiment, configs: dict[str, dict]) -> None:
+    """A sweep's configurations carry the schedule fields that vary between them."""
+    schedules = {name: experiment.schedule(name) for name in configs}
+    varying = [k for k in SCHEDULE_FIELDS if len({getattr(s, k) for s in schedules.values()}) > 1]
+    for name, config in configs.items():
+        config |= {k: getattr(schedules[name], k) for k in varying}
+
+
+def _sweep_section(experiment: Experiment, summary: dict[str, Any], stacks: int,
                    rungs: list[dict], backend: str) -> dict[str, Any]:
     spec, study = experiment.sweep, experiment.study
-    reached = {name: (i, e) for i, rung in enumerate(rungs)
-               for name, e in zip(rung["configs"], rung["epochs"], strict=True)}
-    schedules = {c.name: experiment.schedule(c.name) for c in study.runs}
-    varying = [k for k in SCHEDULE_FIELDS if len({getattr(s, k) for s in schedules.values()}) > 1]
-    for entry in configs:
-        entry["config"] |= {k: getattr(schedules[entry["run"]], k) for k in varying}
-        entry["rung"], entry["epochs"] = reached[entry["run"]]
-    full = sum(s.epochs for s in schedules.values()) * len(study.seeds)
+    full = sum(experiment.schedule(c.name).epochs for c in study.runs) * len(study.seeds)
     used = sum(sum(r["epochs"]) for r in rungs) * len(study.seeds)
     halving = {"eta": ETA, "rungs": rungs, "model_epochs": used, "full_grid_model_epochs": full,
                "saved": 1 - used / full}
@@ -88,7 +125,7 @@ def _sweep_section(experiment: Experiment, configs: list[dict], stacks: int,
         "backend": backend,
         "stack_size": study.stack_size,
         "stacks": stacks,
-        "winner": rungs[-1]["kept"][0],
+        "winner": summary["selection"]["winner"],
         "halving": halving if experiment.halving else None,
     }
 

@@ -7,17 +7,21 @@ report re-renders anywhere, offline, with the data gone.
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 from mnistlab import stats
 from mnistlab.atomic import atomic_write_text
-from mnistlab.config import load_study
-from mnistlab.evaluation import Predictions, evaluation
+from mnistlab.board import Board, write_images
+from mnistlab.config import StudyConfig, load_study
+from mnistlab.evaluation import Predictions, pool
 from mnistlab.report import plots
-from mnistlab.report.html import render_html
+from mnistlab.report.html import Figures, render_html
 from mnistlab.report.sweep import sweep_section
-from mnistlab.report.tensorboard import write_tensorboard
 from mnistlab.runs import RunDir
+
+TB_IMAGES = 20
 
 
 def render(run: RunDir) -> Path:
@@ -26,51 +30,98 @@ def render(run: RunDir) -> Path:
     summary = run.read_summary()
     study = load_study(run.config_path)
     rows = run.read_metrics()
-    figures = _curve_figures(run, summary, rows)
-    notes, extra = [], []
+    notes, extra, sweep = [], [], []
     if "sweep" in summary:
-        top_table, sweep_figures = sweep_section(summary, run.plots)
-        figures.insert(0, ("Sweep", sweep_figures))
+        top_table, sweep = sweep_section(summary, run.plots)
         extra.append(top_table)
-    evaluation_figures = _evaluation_figures(run, summary)
-    if evaluation_figures:
-        figures.append(("Best configuration on the test set", evaluation_figures))
-    else:
+    winner = _evaluation_figures(run, summary)
+    if not winner:
         notes.append("No finished model to show a confusion matrix for: every run diverged.")
-    write_tensorboard(rows, run.tensorboard)
-    page = render_html(summary, rows, figures, study=study, notes=notes, extra=extra)
+    figures = Figures(main=_main_figure(run, summary, rows),
+                      comparison=_comparison_figures(run, summary, rows), sweep=sweep,
+                      curves=_curves(run, summary, rows), winner=winner)
+    _tensorboard(run, summary, study, rows)
+    page = render_html(summary, rows, figures, study=study, notes=notes, extra=extra,
+                       env=_env(run), reproduce=_reproduce(run, summary))
     atomic_write_text(run.report_path, page)
     return run.report_path
 
 
-def _curve_figures(run: RunDir, summary: dict, rows: list[dict]) -> list[tuple[str, list]]:
-    """Comparison plots first, then each configuration's loss and accuracy curves."""
-    names = [c["run"] for c in summary["configs"]]
+def _main_figure(run: RunDir, summary: dict, rows: list[dict]) -> tuple[str, Path]:
+    names = summary["selection"]["ranking"]
+    path = plots.compare_curves(rows, names, "accuracy", run.plots, summary.get("steps_per_epoch"))
+    return "Validation accuracy of every configuration (mean over seeds, band = min–max)", path
+
+
+def _comparison_figures(run: RunDir, summary: dict, rows: list[dict]) -> list[tuple[str, Path]]:
+    names = summary["selection"]["ranking"]
+    return [
+        ("Test accuracy per configuration, 95% interval over seeds and test images",
+         plots.compare_test_accuracy(summary["configs"], summary["runs"], names, run.plots)),
+        ("Validation loss of every configuration",
+         plots.compare_curves(rows, names, "loss", run.plots, summary.get("steps_per_epoch"))),
+    ]
+
+
+def _curves(run: RunDir, summary: dict, rows: list[dict]) -> list[tuple[str, Path, Path]]:
+    """Each configuration's training and validation loss and accuracy, in selection order."""
     per_epoch = summary.get("steps_per_epoch")
-    best = stats.winner(summary)
-    comparison = [
-        ("Test accuracy per configuration, 95% CI over seeds",
-         plots.compare_test_accuracy(summary["configs"], summary["runs"], best, run.plots)),
-        ("Validation accuracy, all configurations",
-         plots.compare_curves(rows, names, "accuracy", run.plots, per_epoch)),
-        ("Validation loss, all configurations",
-         plots.compare_curves(rows, names, "loss", run.plots, per_epoch)),
-    ]
-    curves = [
-        (f"{name}: training and validation {metric}",
-         plots.run_curves(rows, name, metric, run.plots, per_epoch))
-        for name in names for metric in ("loss", "accuracy")
-    ]
-    return [("Comparison", comparison), ("Learning curves per configuration", curves)]
+    return [(name, *(plots.run_curves(rows, name, metric, run.plots, per_epoch)
+                     for metric in ("loss", "accuracy")))
+            for name in summary["selection"]["ranking"]]
+
+
+def _tensorboard(run: RunDir, summary: dict, study: StudyConfig, rows: list[dict]) -> None:
+    """Each configuration's confusion matrix (summed over its seeds) as an image beside its
+    shown model's curves; the curves themselves only where training wrote none (a run directory
+    from before live logging, or whose tb/ was deleted). Up to TB_IMAGES configurations, best
+    first: a large sweep would spend minutes drawing matrices nobody opens."""
+    configs = {c.name: (c, study.schedule) for c in study.runs}
+    if not any(run.tensorboard.glob("*/train/events.out.tfevents.*")):
+        board = Board(run.tensorboard, configs)
+        board.add_rows(rows)
+        board.finish(summary["runs"])
+    last = max((r["step"] for r in rows), default=0)
+    for name in summary["selection"]["ranking"][:TB_IMAGES]:
+        answers = _predictions(run, summary, name)
+        if answers:
+            seed = next(iter(answers))
+            figure = plots.confusion_figure(pool(answers, seed), answers[seed].classes,
+                                            f"{name}: summed over {len(answers)} seed(s)")
+            write_images(run.tensorboard, name, seed, {"confusion_matrix": plots.png_bytes(
+                figure)}, last)
+
+
+def _env(run: RunDir) -> dict:
+    return json.loads(run.env_path.read_text(encoding="utf-8")) if run.env_path.is_file() else {}
+
+
+def _reproduce(run: RunDir, summary: dict) -> str:
+    """The command that runs the experiment again from the run directory's own file."""
+    if run.sweep_path.is_file():
+        return f"mnistlab sweep --grid {shlex.quote(str(run.sweep_path))}"
+    command = f"mnistlab study --config {shlex.quote(str(run.config_path))}"
+    if str(summary.get("data", "")).startswith("in-memory arrays"):
+        command += " (and the same arrays as data=, from Python)"
+    return command
 
 
 def _evaluation_figures(run: RunDir, summary: dict) -> list[tuple[str, Path]]:
-    """The winner's confusion matrix and most confident errors, from its stored predictions."""
+    """The winner's confusion matrix summed over its seeds and the most confident errors of its
+    shown seed (its best validation accuracy), from the stored predictions."""
     name, seed = stats.winner(summary), stats.winner_seed(summary)
     if seed is None:
         return []
-    predictions = Predictions.load(run.predictions_path(name, seed))
-    ev = evaluation(predictions)
-    confusion, grid = plots.evaluation_plots(ev, predictions.classes, run.plots, name)
-    return [(f"{name} (seed {seed}): confusion matrix on the test set", confusion),
-            (f"{name} (seed {seed}): most confident test errors", grid)]
+    predictions = _predictions(run, summary, name)
+    ev = pool(predictions, seed)
+    classes = predictions[seed].classes
+    confusion, grid = plots.evaluation_plots(ev, classes, run.plots, name)
+    return [(f"{name}: confusion matrix on the test set, summed over {len(predictions)} "
+             "seed(s)", confusion), (f"{name} (seed {seed}): most confident test errors", grid)]
+
+
+def _predictions(run: RunDir, summary: dict, name: str) -> dict[int, Predictions]:
+    """The stored test predictions of each finished seed of a configuration."""
+    seeds = [r["seed"] for r in summary["runs"]
+             if r["run"] == name and r.get("diverged_at") is None]
+    return {seed: Predictions.load(run.predictions_path(name, seed)) for seed in seeds}

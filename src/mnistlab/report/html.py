@@ -1,7 +1,9 @@
 """report.html: one self-contained page (inline CSS, PNGs as data: URIs, no URL of any kind).
 
-It states what was run and on what, the configuration and statistics tables, the significance
-tests, a short reading of the results written from the numbers, and every plot.
+Laid out for reading: the first screen holds what was run in one line, the summary table and the
+validation comparison; then a short reading written from the numbers, the comparisons on the
+test set, the seed's claims, each configuration's loss and accuracy side by side, the winner's
+errors, the setup, and a footer that says how to reproduce the page.
 """
 
 from __future__ import annotations
@@ -9,15 +11,26 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from mnistlab.config import StudyConfig, to_dict
-from mnistlab.report.plots import seed_band
-from mnistlab.stats import convergence_step
+from mnistlab.stats import convergence_step, seed_band
 
-Figures = Sequence[tuple[str, Sequence[tuple[str, Path]]]]  # (section title, [(caption, png)])
+Figure = tuple[str, Path]  # (caption, png)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The page's plots, by where they go."""
+
+    main: Figure  # every configuration's validation accuracy: on the first screen
+    comparison: Sequence[Figure] = ()  # test accuracy per configuration, validation loss
+    sweep: Sequence[Figure] = ()  # a sweep's heat map
+    curves: Sequence[tuple[str, Path, Path]] = ()  # per configuration: (name, loss, accuracy)
+    winner: Sequence[Figure] = ()  # the winner's confusion matrix and worst errors
 
 CSS = """
 body { font: 15px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em;
@@ -26,13 +39,20 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em
 table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+table.words td, table.words th, table.ranked td:nth-child(2), table.ranked th:nth-child(2) {
+  text-align: left; }
 tr.best td { background: #eaf7ea; font-weight: 600; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 1em; }
 dt { font-weight: 600; } dd { margin: 0; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure { display: inline-block; margin: 0.5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #eee; }
+figure.main img { max-height: 400px; }
 figcaption { font-size: 13px; color: #555; }
+.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 0.5em; }
 .note { background: #fff6e0; border-left: 4px solid #e0a800; padding: 0.5em 1em; }
+.lede { font-size: 16px; margin: 0.3em 0 0.8em; }
+footer { margin-top: 3em; border-top: 1px solid #ccc; font-size: 13px; color: #555; }
+code { background: #f4f4f4; padding: 1px 4px; }
 """
 
 
@@ -46,10 +66,22 @@ def points(value: float) -> str:
 
 
 def mean_ci(d: Mapping[str, Any]) -> str:
-    """'97.83% [97.60, 98.06]' for an accuracy described by stats.describe."""
+    """'97.83% [97.60, 98.06]' for an accuracy described by stats.describe; with no interval
+    (one seed) the reason instead of brackets."""
     if not d["n"]:
         return "–"
-    return f"{pct(d['mean'])} [{100 * d['ci_low']:.2f}, {100 * d['ci_high']:.2f}]"
+    return f"{pct(d['mean'])} {interval(d['ci_low'], d['ci_high'], d.get('interval', ''))}"
+
+
+def interval(low: float, high: float, why: str = "") -> str:
+    """'[97.60, 98.06]' in percent, or why there is none ('n/a (1 seed)')."""
+    if not math.isfinite(low):
+        return why or "n/a"
+    return f"[{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def signed_points(value: float) -> str:
+    return f"{100 * value:+.2f} pp" if math.isfinite(value) else "–"
 
 
 def number(value: Any) -> str:
@@ -65,54 +97,85 @@ def number(value: Any) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]],
-          best_rows: Collection[int] = ()) -> str:
-    """An HTML table; every cell is escaped text; `best_rows` are highlighted."""
+          best_rows: Collection[int] = (), kind: str = "") -> str:
+    """An HTML table; every cell is escaped text; `best_rows` are highlighted. Numbers align
+    right, the first column left; `kind` "words" aligns every column left, "ranked" the second
+    too (a rank, then a name)."""
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
     body = "".join(
         ('<tr class="best">' if i in best_rows else "<tr>")
         + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>"
         for i, row in enumerate(rows)
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    opening = f'<table class="{kind}">' if kind else "<table>"
+    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def p_value(p: float, replicates: int | None = None) -> str:
+    """Two significant digits; a bootstrap p of 0 is below one resample in `replicates`."""
+    if not math.isfinite(p):
+        return "–"
+    if p == 0 and replicates:
+        return f"< {1 / replicates:.2g}"
+    return f"{p:.2g}"
 
 
 # --- the reading --------------------------------------------------------------------------------
 
 
 def reading(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """A few plain sentences on the results: winner, margin and significance, overfitting,
-    slow convergence, divergence."""
+    """A few plain sentences on the results: the winner (chosen on validation) and its test
+    accuracy, its margin and significance, overfitting, slow convergence, divergence."""
     configs = {c["run"]: c for c in summary["configs"]}
-    comparisons = summary["comparisons"]
-    best = comparisons.get("best")
+    best = summary["selection"]["winner"]
     if best is None:
-        return ["No configuration has a finite test accuracy: every run diverged."]
-    b = configs[best]["test_accuracy"]
-    text = [f"{best} has the highest mean test accuracy, {pct(b['mean'])} (95% CI "
-            f"{pct(b['ci_low'])}–{pct(b['ci_high'])}, {b['n']} seed{'s' * (b['n'] != 1)})."]
-    text += _margin_sentences(comparisons)
+        return ["No configuration has a finite validation accuracy: every run diverged."]
+    v, t = configs[best]["final_val_accuracy"], configs[best]["test_accuracy"]
+    seeds = f"{v['n']} seed{'s' * (v['n'] != 1)}"
+    text = [f"{best} has the highest mean final validation accuracy, {mean_ci(v)} over {seeds}, "
+            f"and is the winner; its test accuracy, scored once, is {mean_ci(t)}."]
+    text += _margin_sentences(summary)
     text += [_overfit_sentence(configs), _convergence_sentence(configs, rows, summary)]
     text += [_divergence_sentence(summary["runs"])]
     return [t for t in text if t]
 
 
-def _margin_sentences(comparisons: Mapping[str, Any]) -> list[str]:
-    pairs = [p for p in comparisons["pairs"] if math.isfinite(p["diff"])]
-    if not pairs:
+def _margin_sentences(summary: Mapping[str, Any]) -> list[str]:
+    """The winner against the runner-up (by validation), and against the rest, on the test set."""
+    ranking, comparisons = summary["selection"]["ranking"], summary["comparisons"]
+    pairs = {(p["a"], p["b"]): p for p in comparisons["pairs"]}
+    mine = [pairs[ranking[0], other] for other in ranking[1:] if (ranking[0], other) in pairs]
+    if not mine:
         return ["There is no other configuration to compare it with."]
-    closest = min(pairs, key=lambda p: p["diff"])
-    if math.isnan(closest["p_holm"]):
-        verdict = f"whether this is significant cannot be tested: {closest['note']}"
+    runner = mine[0]
+    if math.isnan(runner["p_holm"]):
+        verdict = f"no test is possible: {runner['note']}"
     else:
-        verdict = (f"this is {'' if closest['significant'] else 'not '}significant at "
-                   f"α = {comparisons['alpha']} (Holm-corrected p = {number(closest['p_holm'])})")
-    text = [f"It beats the runner-up, {closest['b']}, by {points(closest['diff'])}; {verdict}."]
-    better = [p["b"] for p in pairs if p["significant"]]
-    same = [p["b"] for p in pairs if not p["significant"]]
+        verdict = (f"the difference is {'' if runner['significant'] else 'not '}significant at "
+                   f"α = {comparisons['alpha']} (paired bootstrap, Holm-corrected p "
+                   f"{_p_text(runner['p_holm'], comparisons['replicates'])}; P(a seed of "
+                   f"{runner['a']} beats one of "
+                   f"{runner['b']}) = {number(runner['p_a_beats_b'])})")
+    text = [f"On the test set it differs from the runner-up, {runner['b']}, by "
+            f"{signed_points(runner['diff'])} {interval(runner['ci_low'], runner['ci_high'])}; "
+            f"{verdict}."]
+    better = [p["b"] for p in mine if p["significant"] and p["diff"] > 0]
+    same = [p["b"] for p in mine if not p["significant"]]
     if better:
         rest = f"; not distinguishable from {', '.join(same)} with these seeds" if same else ""
         text.append(f"It is significantly better than {', '.join(better)}{rest}.")
+    power = summary.get("power")
+    if power and power.get("seeds_needed"):
+        text.append(f"At the observed spread, {power['seeds_needed']} seeds per configuration "
+                    f"would resolve the {signed_points(power['diff'])} difference between "
+                    f"{power['a']} and {power['b']} (t-test, α = {power['alpha']}, power "
+                    f"{power['power']:.0%}).")
     return text
+
+
+def _p_text(p: float, replicates: int) -> str:
+    shown = p_value(p, replicates)
+    return shown if shown.startswith("<") else f"= {shown}"
 
 
 def _overfit_sentence(configs: Mapping[str, Mapping[str, Any]]) -> str:
@@ -195,16 +258,19 @@ def _config_table(configs: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _stats_table(configs: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]],
-                 best: str | None) -> str:
-    header = ["configuration", "seeds", "test accuracy, mean [95% CI]",
-              "final val accuracy [95% CI]", "best val accuracy", "train − val gap", "test loss",
+                 ranking: Sequence[str]) -> str:
+    """One row per configuration in the order of selection (mean final validation accuracy);
+    the winner highlighted."""
+    header = ["rank", "configuration", "seeds", "final val accuracy [95% CI]",
+              "test accuracy [95% CI]", "best val accuracy", "train − val gap", "test loss",
               "time per run", "diverged"]
+    by_name = {c["run"]: c for c in configs}
     rows = [[
-        c["run"], c["n"], mean_ci(c["test_accuracy"]), mean_ci(c["final_val_accuracy"]),
+        i, c["run"], c["n"], mean_ci(c["final_val_accuracy"]), mean_ci(c["test_accuracy"]),
         pct(c["best_val_accuracy"]["mean"]), points(c["train_val_gap"]["mean"]),
         number(c["test_loss"]["mean"]), _seconds(runs, c["run"]), c["diverged"],
-    ] for c in configs]
-    return table(header, rows, {i for i, c in enumerate(configs) if c["run"] == best})
+    ] for i, c in enumerate((by_name[name] for name in ranking), start=1)]
+    return table(header, rows, {0}, kind="ranked")
 
 
 def _seconds(runs: Sequence[Mapping[str, Any]], name: str) -> str:
@@ -214,47 +280,114 @@ def _seconds(runs: Sequence[Mapping[str, Any]], name: str) -> str:
 
 
 def _comparison_table(comparisons: Mapping[str, Any]) -> str:
-    rows = [[f"{p['a']} vs {p['b']}", points(p["diff"]), number(p["t"]), number(p["p"]),
-             number(p["p_holm"]), "yes" if p["significant"] else "no", p.get("note", "")]
+    n = comparisons["replicates"]
+    rows = [[f"{p['a']} − {p['b']}", signed_points(p["diff"]),
+             interval(p["ci_low"], p["ci_high"], p.get("note", "")), p_value(p["p"], n),
+             p_value(p["p_holm"], n), "yes" if p["significant"] else "no",
+             number(p["p_a_beats_b"]), _mcnemar(p["mcnemar"])]
             for p in comparisons["pairs"]]
-    return table(["pair", "difference", "t", "p", "p (Holm)", "significant", "note"], rows)
+    return table(["pair (a − b)", "test accuracy difference", "95% interval", "p (bootstrap)",
+                  "p (Holm)", "significant", "P(a > b)", "McNemar per seed pair"], rows)
 
 
-def _figure(caption: str, path: Path) -> str:
+def _mcnemar(tests: Sequence[Mapping[str, Any]]) -> str:
+    """'3 of 3 p < 0.05 (p 0.001, 0.02, 0.04)' over the seed pairs."""
+    if not tests:
+        return "–"
+    low = sum(t["p"] < 0.05 for t in tests)
+    return (f"{low} of {len(tests)} p < 0.05 "
+            f"({', '.join(p_value(t['p']) for t in tests)})")
+
+
+def _claims_table(claims: Sequence[Mapping[str, str]]) -> str:
+    return table(["the seed study's claim", "verdict", "evidence"],
+                 [[c["claim"], c["verdict"], c["evidence"]] for c in claims], kind="words")
+
+
+def _method(summary: Mapping[str, Any]) -> str:
+    c, s = summary["comparisons"], summary["selection"]
+    return (f"<p>Selection: {escape(s['rule'])}. Test accuracy intervals and differences: "
+            f"{escape(c['method'])} ({c['replicates']} resamples, percentile intervals; other "
+            "intervals: t over seeds). Pairs are ordered by validation rank; p-values are "
+            f"Holm-corrected over the pairs, α = {c['alpha']}. McNemar: {escape(c['mcnemar'])}. "
+            "P(a &gt; b): the share of seed pairs in which a scores above b (ties half).</p>")
+
+
+def _figure(caption: str, path: Path, css: str = "") -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{escape(caption)}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>")
+    opening = f'<figure class="{css}"' if css else "<figure"
+    return (f'{opening} id="{css or "f"}-{escape(path.stem)}"><img src="data:image/png;base64,'
+            f'{data}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption>'
+            "</figure>")
+
+
+def _lede(summary: Mapping[str, Any], study: StudyConfig | None) -> str:
+    """What was run, on what, in one line; and the winner."""
+    sizes = summary.get("sizes", {})
+    images = "/".join(str(sizes.get(k, "?")) for k in ("train", "val", "test"))
+    configs, seeds = len(summary["configs"]), len(summary["seeds"])
+    epochs = f", {study.schedule.epochs} epochs" if study is not None else ""
+    winner = summary["selection"]["winner"]
+    return (f'<p class="lede">{configs} configuration{"s" * (configs != 1)} × {seeds} '
+            f"seed{'s' * (seeds != 1)} on {escape(str(summary.get('data')))} ({images} "
+            f"train/validation/test images){epochs}, {escape(str(summary.get('device')))}, "
+            f"{summary.get('seconds', math.nan):.0f} s of training. Winner, chosen on "
+            f"validation: <strong>{escape(str(winner))}</strong>.</p>")
+
+
+def _curves(curves: Sequence[tuple[str, Path, Path]]) -> list[str]:
+    """One row per configuration: its loss and accuracy side by side."""
+    return [f'<div class="pair">{_figure(f"{name}: loss", loss)}'
+            f'{_figure(f"{name}: accuracy", accuracy)}</div>' for name, loss, accuracy in curves]
+
+
+def _footer(summary: Mapping[str, Any], env: Mapping[str, Any], reproduce: str) -> str:
+    """Where the numbers came from, and the command that makes them again."""
+    facts = [f"mnistlab {env.get('mnistlab', '?')}", f"git {env.get('git_rev') or 'unknown'}",
+             f"run {env.get('created', '?')}", f"device {summary.get('device', '?')}",
+             f"torch {env.get('torch', '?')}", f"python {env.get('python', '?')}"]
+    command = env.get("command")
+    ran = f" It was run as <code>{escape(command)}</code>." if command else ""
+    return (f"<footer><p>{escape(' · '.join(facts))}</p><p>Reproduce: "
+            f"<code>{escape(reproduce)}</code> (the run directory's own file holds every "
+            f"setting).{ran}</p></footer>")
 
 
 def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], figures: Figures,
                 *, study: StudyConfig | None = None, notes: Sequence[str] = (),
-                extra: Sequence[str] = ()) -> str:
+                extra: Sequence[str] = (), env: Mapping[str, Any] | None = None,
+                reproduce: str = "") -> str:
     """The whole page as a string; `notes` are shown prominently (e.g. plots that were skipped).
 
     `extra` is trusted HTML (already escaped by its maker, e.g. a sweep's top-10 table) placed
-    after the reading.
+    after the reading. `env` is env.json's content, `reproduce` the command that re-runs it.
     """
-    comparisons = summary["comparisons"]
-    title = f"mnistlab study: {summary.get('study', '')}"
+    kind = summary.get("kind", "study")
+    title = f"mnistlab {kind}: {summary.get('study', '')}"
+    notes = [*summary.get("warnings", []), *notes]
     parts = [
         f"<h1>{escape(title)}</h1>",
-        _overview(summary, study),
+        _lede(summary, study),
         *(f'<p class="note">{escape(n)}</p>' for n in notes),
+        '<section id="summary">',
+        _stats_table(summary["configs"], summary["runs"], summary["selection"]["ranking"]),
+        "</section>",
+        _figure(*figures.main, css="main"),
         "<h2>Reading</h2>",
         "<ul>" + "".join(f"<li>{escape(s)}</li>" for s in reading(summary, rows)) + "</ul>",
-        *extra,
-        "<h2>Statistics over seeds</h2>",
-        _stats_table(summary["configs"], summary["runs"], comparisons.get("best")),
-        "<h2>Comparisons</h2>",
-        f"<p>{escape(comparisons['test'])}, α = {escape(str(comparisons['alpha']))}. "
-        f"Best: {escape(str(comparisons.get('best')))}.</p>",
-        _comparison_table(comparisons),
-        "<h2>Configurations</h2>",
-        _config_table(summary["configs"]),
     ]
-    for section, items in figures:
-        parts.append(f"<h2>{escape(section)}</h2>")
-        parts += [_figure(caption, path) for caption, path in items]
+    if extra or figures.sweep:
+        parts += ["<h2>Sweep</h2>", *extra, *(_figure(c, p) for c, p in figures.sweep)]
+    parts += ["<h2>Comparison</h2>", *(_figure(c, p) for c, p in figures.comparison),
+              _method(summary), _comparison_table(summary["comparisons"])]
+    if summary.get("claims"):
+        parts += ["<h2>The seed study's claims</h2>", _claims_table(summary["claims"])]
+    parts += ["<h2>Learning curves per configuration</h2>", *_curves(figures.curves)]
+    if figures.winner:
+        parts += ["<h2>The winner on the test set</h2>",
+                  *(_figure(c, p) for c, p in figures.winner)]
+    parts += ["<h2>Setup</h2>", _overview(summary, study), _config_table(summary["configs"]),
+              _footer(summary, env or {}, reproduce)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")

@@ -7,9 +7,9 @@ atomically.
 
 from __future__ import annotations
 
+import io
+import itertools
 import re
-import warnings
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentF
 
 from mnistlab.atomic import atomic_path
 from mnistlab.evaluation import Evaluation
+from mnistlab.stats import seed_band
 
 SPLIT_STYLE = {"train": ("tab:blue", "training"), "val": ("tab:orange", "validation")}
+ZOOM_RECORDS = 20  # fewer records than this: no zoomed panel, every point marked
 DPI = 110
 
 
@@ -42,34 +44,12 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def seed_band(
-    rows: Sequence[Mapping[str, Any]], run: str, split: str, metric: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, min, max) of `metric` over seeds at each recorded step of one run and split.
-
-    NaN values (a diverged seed) are left out of the mean and band; a step where every seed is
-    NaN stays NaN, which breaks the line there instead of drawing a wrong value.
-    """
-    by_step: dict[int, list[float]] = defaultdict(list)
-    for r in rows:
-        if r["run"] == run and r["split"] == split:
-            by_step[r["step"]].append(r[metric])
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    values = [np.asarray(by_step[s], dtype=np.float64) for s in steps]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps → NaN, as intended
-        stats = [(np.nanmean(v), np.nanmin(v), np.nanmax(v)) for v in values]
-    if not stats:
-        return steps, np.empty(0), np.empty(0), np.empty(0)
-    mean, low, high = (np.array(col) for col in zip(*stats, strict=True))
-    return steps, mean, low, high
-
-
 def _draw_band(ax: Any, steps: np.ndarray, mean: np.ndarray, low: np.ndarray, high: np.ndarray,
-               color: str, label: str) -> None:
+               color: Any, label: str, style: str = "-") -> None:
     ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-    marker = "o" if len(steps) <= 20 else None  # a curve of a few records shows its points
-    ax.plot(steps, mean, color=color, label=label, linewidth=1.6, marker=marker, markersize=3)
+    marker = "o" if len(steps) < ZOOM_RECORDS else None  # a short curve shows its points
+    ax.plot(steps, mean, color=color, label=label, linewidth=1.6, marker=marker, markersize=3,
+            linestyle=style)
 
 
 def _style_metric_axis(ax: Any, metric: str) -> None:
@@ -120,25 +100,34 @@ def compare_curves(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metri
 
 def comparison_figure(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], metric: str,
                       steps_per_epoch: int | None = None) -> Figure:
-    """Every configuration's validation curve (mean over seeds, min–max band), whole run and
-    zoomed: the right panel shows the second half of training only, where the configurations
-    are close and the full-range axis would hide their differences."""
-    fig = new_figure(12, 4.5)
-    full, zoom = fig.subplots(1, 2)
-    colors = _colors(len(runs))
-    for run, color in zip(runs, colors, strict=True):
+    """Every configuration's validation curve (mean over seeds, min–max band), each with its own
+    colour and line style so that identical curves stay distinguishable.
+
+    With at least ZOOM_RECORDS records, a second panel zooms into the second half of training,
+    where the configurations are close and the full-range axis would hide their differences;
+    with fewer, the plot says so instead of repeating the same points.
+    """
+    records = max((len(seed_band(rows, run, "val", metric)[0]) for run in runs), default=0)
+    zoomed = records >= ZOOM_RECORDS
+    fig = new_figure(12 if zoomed else 8, 4.5)
+    axes = fig.subplots(1, 2) if zoomed else [fig.add_subplot()]
+    styles = itertools.cycle(["-", "--", "-.", ":"])
+    for run, color, style in zip(runs, _colors(len(runs)), styles, strict=False):
         steps, mean, low, high = seed_band(rows, run, "val", metric)
         if not len(steps):
             continue
         final = f"{mean[-1]:.2%}" if metric == "accuracy" else f"{mean[-1]:.4f}"
-        _draw_band(full, steps, mean, low, high, color, f"{run} (final {final})")
-        late = steps >= steps[-1] / 2
-        _draw_band(zoom, steps[late], mean[late], low[late], high[late], color, run)
-    for ax, title in ((full, "all iterations"), (zoom, "second half (zoomed)")):
+        _draw_band(axes[0], steps, mean, low, high, color, f"{run} (final {final})", style)
+        if zoomed:
+            late = steps >= steps[-1] / 2
+            _draw_band(axes[1], steps[late], mean[late], low[late], high[late], color, run, style)
+    titles = ("all iterations", "second half (zoomed)") if zoomed else (
+        f"{records} records: too few to zoom",)
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_title(f"validation {metric}: {title}")
         ax.set_xlabel(_iteration_label(steps_per_epoch))
         _style_metric_axis(ax, metric)
-    full.legend(loc="best", fontsize="small")
+    axes[0].legend(loc="best", fontsize="small")
     return fig
 
 
@@ -150,35 +139,39 @@ def _colors(n: int) -> list:
 
 
 def compare_test_accuracy(configs: Sequence[Mapping[str, Any]],
-                          run_rows: Sequence[Mapping[str, Any]], best: str | None,
+                          run_rows: Sequence[Mapping[str, Any]], ranking: Sequence[str],
                           folder: Path) -> Path:
-    """`compare_test_accuracy.png`: per configuration the mean test accuracy with its 95% CI and
-    each seed as a dot, best on top."""
-    order = sorted(configs, key=lambda c: _nan_low(c["test_accuracy"]["mean"]))
+    """`compare_test_accuracy.png`: per configuration the mean test accuracy with its 95%
+    interval (seeds and test images) and each seed as a tick, in the order of selection on
+    validation, the winner on top."""
+    by_name = {c["run"]: c for c in configs}
+    order = [by_name[name] for name in reversed(ranking)]
     fig = new_figure(8, 1.2 + 0.55 * len(order))
     ax = fig.add_subplot()
     for y, config in enumerate(order):
         d = config["test_accuracy"]
-        color = "tab:green" if config["run"] == best else "tab:blue"
-        # Accuracy lives in [0, 1]; a t-interval reaching past it (one diverged seed) is clipped.
-        err = [[d["mean"] - max(d["ci_low"], 0.0)], [min(d["ci_high"], 1.0) - d["mean"]]]
-        ax.errorbar(d["mean"], y, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
+        color = "tab:green" if config["run"] == ranking[0] else "tab:blue"
+        if np.isfinite(d["ci_low"]):
+            err = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
+            ax.errorbar(d["mean"], y, xerr=err, fmt="o", color=color, capsize=4, markersize=7)
+        else:  # one seed: no interval to draw
+            ax.plot(d["mean"], y, "o", color=color, markersize=7)
         seeds = [r["test_accuracy"] for r in run_rows if r["run"] == config["run"]]
         ax.plot(seeds, [y] * len(seeds), "|", color="black", markersize=10, alpha=0.6)
     ax.set_yticks(range(len(order)), [c["run"] for c in order])
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_xlabel("test accuracy (dot = mean, bar = 95% CI, ticks = seeds)")
-    ax.set_title("test accuracy per configuration" + (f" (best: {best})" if best else ""))
+    ax.set_xlabel("test accuracy (dot = mean, bar = 95% interval, ticks = seeds)")
+    ax.set_title(f"test accuracy per configuration (winner on validation: {ranking[0]})")
     ax.grid(True, axis="x", alpha=0.3)
     return save_figure(fig, folder / "compare_test_accuracy.png")
 
 
-def _nan_low(value: float) -> float:
-    return value if np.isfinite(value) else -np.inf
-
-
 def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str) -> Path:
     """Confusion matrix: counts written in the cells, colour by row share (recall per class)."""
+    return save_figure(confusion_figure(ev, classes, title), path)
+
+
+def confusion_figure(ev: Evaluation, classes: Sequence[str], title: str) -> Figure:
     n = len(classes)
     share = ev.confusion / np.maximum(ev.confusion.sum(axis=1, keepdims=True), 1)
     fig = new_figure(1.2 + 0.62 * n, 0.9 + 0.55 * n)
@@ -193,7 +186,13 @@ def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str) ->
     ax.set_ylabel("true class")
     ax.set_title(f"{title}\naccuracy {ev.accuracy:.2%} on {int(ev.support.sum())} images")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    return save_figure(fig, path)
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
 
 
 def misclassified(ev: Evaluation, classes: Sequence[str], path: Path, title: str) -> Path:

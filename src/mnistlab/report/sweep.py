@@ -30,14 +30,10 @@ TOP_HEADER = (
 
 
 def ranked(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Configurations best first: the furthest successive-halving rung reached, then mean final
-    validation accuracy (selection never looks at the test set)."""
-
-    def key(c: Mapping[str, Any]) -> tuple[int, float]:
-        val = c["final_val_accuracy"]["mean"]
-        return -c.get("rung", 0), -val if math.isfinite(val) else math.inf
-
-    return sorted(summary["configs"], key=key)
+    """Configurations in the order of selection: the furthest successive-halving rung reached,
+    then mean final validation accuracy (the test set never chooses)."""
+    by_name = {c["run"]: c for c in summary["configs"]}
+    return [by_name[name] for name in summary["selection"]["ranking"]]
 
 
 def _rows(summary: Mapping[str, Any], n: int) -> list[list[str]]:
@@ -85,14 +81,14 @@ def top_text(summary: Mapping[str, Any], n: int = 10, width: int = 110) -> str:
 def top_html(summary: Mapping[str, Any], n: int = 10) -> str:
     """The top-n table as an HTML fragment, the winner highlighted."""
     return (
-        f"<h2>Sweep: top {n}</h2>"
-        + table(TOP_HEADER, _rows(summary, n), {0})
+        f"<h3>Top {n}</h3>"
+        + table(TOP_HEADER, _rows(summary, n), {0}, kind="ranked")
         + f"<p>{escape(_footer(summary))}</p>"
     )
 
 
 def heatmap(summary: Mapping[str, Any], folder: Path) -> Path:
-    """plots/sweep_heatmap.png: mean test accuracy over lr × dropout.
+    """plots/sweep_heatmap.png: mean final validation accuracy (what selects) over lr × dropout.
 
     A grid gives a cell per (lr, dropout), the best configuration's value when other fields vary
     too; random samples give a scatter on a log-lr axis. A value from a configuration that
@@ -102,7 +98,7 @@ def heatmap(summary: Mapping[str, Any], folder: Path) -> Path:
         (
             c["config"]["lr"],
             c["config"]["dropout"],
-            c["test_accuracy"]["mean"],
+            c["final_val_accuracy"]["mean"],
             c.get("epochs"),
             c.get("rung", 0),
         )
@@ -117,7 +113,8 @@ def heatmap(summary: Mapping[str, Any], folder: Path) -> Path:
         _cells(fig, ax, points, last)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("dropout p")
-    ax.set_title("Mean test accuracy over seeds")
+    winner = summary["selection"]["winner"]
+    ax.set_title(f"Mean final validation accuracy over seeds (winner: {winner})")
     return save_figure(fig, folder / HEATMAP)
 
 
@@ -158,5 +155,6 @@ def _scatter(fig: Any, ax: Any, points: Sequence[tuple]) -> None:
 
 def sweep_section(summary: Mapping[str, Any], folder: Path) -> tuple[str, list[tuple[str, Path]]]:
     """What report.html shows for a sweep: the top-10 HTML and the heat map figure."""
-    caption = "Mean test accuracy over learning rate × dropout"
+    caption = ("Mean final validation accuracy over learning rate × dropout (winner: "
+               f"{summary['selection']['winner']})")
     return top_html(summary), [(caption, heatmap(summary, folder))]

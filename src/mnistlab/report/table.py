@@ -31,32 +31,39 @@ def new_table(title: str, left: Sequence[str], right: Sequence[str]) -> Table:
 
 
 def _ci(stat: dict[str, Any]) -> str:
-    half = (stat["ci_high"] - stat["ci_low"]) / 2
-    return f"{stat['mean']:.4f} ± {half:.4f}" if stat["n"] > 1 else f"{stat['mean']:.4f}"
+    """'0.8712 [0.8650, 0.8770]', or the mean and why there is no interval."""
+    if not stat["n"]:
+        return "–"
+    if stat["n"] < 2:
+        return f"{stat['mean']:.4f} {stat.get('interval', '')}".rstrip()
+    return f"{stat['mean']:.4f} [{stat['ci_low']:.4f}, {stat['ci_high']:.4f}]"
 
 
-def format_summary(summary: dict[str, Any], width: int = 100) -> str:
-    """Configuration, validation and test accuracy (mean ± 95% CI half-width), time per model."""
+def format_summary(summary: dict[str, Any], width: int = 110) -> str:
+    """Configurations in the order of selection (mean final validation accuracy), with their
+    validation and test accuracy (mean [95% interval]) and time per model; the warnings."""
     seeds = len(summary["seeds"])
-    table = new_table(f"{summary['study']} on {summary['data']} — {seeds} seed(s), 95% CI (t)",
+    table = new_table(f"{summary['study']} on {summary['data']} — {seeds} seed(s)",
                       ("configuration",),
-                      ("final val acc", "best val acc", "test acc", "s / model", "diverged"))
+                      ("final val acc [95%]", "test acc [95%]", "s / model", "diverged"))
     seconds: dict[str, list[float]] = {}
     for run in summary["runs"]:
         seconds.setdefault(run["run"], []).append(run["seconds"])
+    by_name = {c["run"]: c for c in summary["configs"]}
     best = stats.winner(summary)
-    for config in summary["configs"]:
-        name = config["run"]
+    for name in summary["selection"]["ranking"]:
+        config = by_name[name]
         table.add_row(
             f"{name} *" if name == best else name,
             _ci(config["final_val_accuracy"]),
-            _ci(config["best_val_accuracy"]),
             _ci(config["test_accuracy"]),
             f"{sum(seconds[name]) / len(seconds[name]):.1f}",
             str(config["diverged"]),
         )
-    footer = f"* best by mean test accuracy; {summary['comparisons'].get('test', '')}"
-    return plain_text(table, footer, width=width)
+    footer = ("* the winner: highest mean final validation accuracy (the test set never "
+              f"chooses). Test intervals: {summary['comparisons']['method']}.")
+    warnings = [f"warning: {w}" for w in summary.get("warnings", [])]
+    return plain_text(table, footer, *warnings, width=width)
 
 
 def format_evaluation(ev: Evaluation, classes: Sequence[str], worst: int = 10) -> str:
