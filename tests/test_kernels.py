@@ -23,28 +23,36 @@ kernels = pytest.importorskip("mnistlab.kernels", reason="Triton is not installe
 
 
 def test_adam_matches_torch_fused_adam_row_by_row():
-    """Own lr/betas/eps/weight decay per row, a span per row, a frozen row left untouched."""
+    """Own lr/betas/eps/weight decay per row, a span per row, a frozen row left untouched; a
+    row's lr and beta1 read from its rates at each step; AdamW's decoupled decay."""
     gen = torch.Generator().manual_seed(0)
-    n, size = 4, 3000
+    n, size, steps = 4, 3000, 5
     flat = {k: torch.randn(n, size, generator=gen) for k in ("param", "exp_avg")}
     flat["exp_avg_sq"] = torch.rand(n, size, generator=gen)
-    hyper = torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.0], [5e-4, 0.8, 0.99, 1e-6, 0.01],
-                          [1e-2, 0.9, 0.999, 1e-8, 0.0], [1e-3, 0.9, 0.999, 1e-8, 0.0]])
+    hyper = torch.tensor([[0.999, 1e-8, 0.0, 0.0], [0.99, 1e-6, 0.01, 0.0],
+                          [0.999, 1e-8, 0.0, 0.0], [0.999, 1e-8, 0.0, 0.05]])
+    rates = torch.tensor([[1e-3, 0.9], [5e-4, 0.8], [1e-2, 0.9], [1e-3, 0.9]])
+    rates = rates[:, None].repeat(1, steps, 1)
+    rates[3, :, 0] = torch.linspace(1e-3, 2e-2, steps)  # a scheduled lr and beta1
+    rates[3, :, 1] = torch.linspace(0.95, 0.85, steps)
     span = torch.tensor([3000, 2000, 3000, 1000], dtype=torch.int32)
     frozen = torch.tensor([0.0, 0.0, 1.0, 0.0])
     ours = {k: v.to(DEVICE) for k, v in flat.items()}
-    for t in range(1, 6):
+    for t in range(1, steps + 1):
         flat["grad"] = torch.randn(n, size, generator=gen)
         ours["grad"] = flat["grad"].to(DEVICE)
         step = torch.tensor(float(t))
-        kernels.adam_(ours, hyper.to(DEVICE), span.to(DEVICE), frozen.to(DEVICE), step.to(DEVICE))
+        kernels.adam_(ours, hyper.to(DEVICE), rates.to(DEVICE), span.to(DEVICE),
+                      frozen.to(DEVICE), step.to(DEVICE))
         for k in (0, 1, 3):
-            lr, beta1, beta2, eps, decay = hyper[k].tolist()
-            torch._fused_adam_(
+            beta2, eps, decay, decoupled = hyper[k].tolist()
+            lr, beta1 = rates[k, t - 1].tolist()
+            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            fused(
                 *([flat[kind][k, : span[k]]] for kind in ("param", "grad", "exp_avg",
                                                            "exp_avg_sq")),
-                [], [step.clone()], lr=lr, beta1=beta1, beta2=beta2, weight_decay=decay, eps=eps,
-                amsgrad=False, maximize=False,
+                [], [step.clone()], lr=lr, beta1=beta1, beta2=beta2,
+                weight_decay=decoupled or decay, eps=eps, amsgrad=False, maximize=False,
             )
     before = torch.Generator().manual_seed(0)
     untouched = torch.randn(n, size, generator=before)
@@ -214,3 +222,45 @@ def test_fused_stack_freezes_a_diverged_member(splits, fused):
     assert result.diverged[0] is not None and result.diverged[1] is None
     assert_rows_agree([r for r in result.rows if r["run"] == ok.config.name], alone.rows)
     assert all(torch.isfinite(v[0]).all() for v in result.weights.values())
+
+
+def test_loss_kernel_smooths_labels_per_model():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 40, 10, generator=gen) * 2
+    labels = torch.randint(0, 10, (3, 40), generator=gen)
+    smoothing = torch.tensor([0.0, 0.1, 0.3])
+    books = {k: torch.zeros(3, device=DEVICE) for k in ("loss_sum", "acc_sum", "last_loss",
+                                                          "frozen")}
+    books["diverged_at"] = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    grad = kernels.cross_entropy_step(logits.to(DEVICE), labels.to(DEVICE), books,
+                                      torch.tensor(0.0, device=DEVICE), smoothing.to(DEVICE))
+    loss, _, expected = cross_entropy(logits, labels, smoothing.view(-1, 1, 1))
+    torch.testing.assert_close(grad.cpu(), expected, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(books["last_loss"].cpu(), loss)  # the plain cross-entropy
+    for k, eps in enumerate(smoothing.tolist()):  # against autograd through torch's own loss
+        leaf = logits[k].clone().requires_grad_()
+        torch.nn.functional.cross_entropy(leaf, labels[k], label_smoothing=eps).backward()
+        torch.testing.assert_close(grad[k].cpu(), leaf.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_fused_recipe_stack_matches_torch_ops(splits, fused, monkeypatch):
+    """Scheduled rates and beta1 read on the device, AdamW, smoothing, augmentation, best
+    weights: the Triton backend against the PyTorch one, member by member (without dropout,
+    whose masks the two draw from different streams)."""
+    from test_recipe import RECIPE
+
+    schedule = Schedule(epochs=1, record_every=3)
+    members = [small(Member(replace(m.config, dropout=0.0), m.seed)) for m in RECIPE[:5]]
+    result = train(splits, members, schedule, device=str(DEVICE))
+    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: None)
+    reference = train(splits, members, schedule, device=str(DEVICE))
+    assert [{**r, "loss": 0, "accuracy": 0} for r in result.rows] == [
+        {**r, "loss": 0, "accuracy": 0} for r in reference.rows]
+    for key in ("loss", "accuracy"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in result.rows]),
+                                   torch.tensor([r[key] for r in reference.rows]),
+                                   atol=0.01, rtol=1e-3)
+    for k, member in enumerate(members):
+        for name, value in reference.weights.items():
+            assert_mostly_close(result.weights[name][k], value[k], 20 * member.config.lr)
+    assert (result.stopped, result.restored) == (reference.stopped, reference.restored)

@@ -8,8 +8,11 @@ stack holds it (`Stack.backend`), so neither the stack nor the engine asks which
 - `TorchOps`, PyTorch operators on every device: the CPU's and MPS's, and CUDA's where Triton is
   missing or switched off (MNISTLAB_TRITON=0). The backward pass calls PyTorch's own backward
   kernels (threshold/gelu/tanh, layer norm) on whole stacks; dropout draws from one generator
-  per model; Adam is PyTorch's fused kernel, one call per model so each model keeps its own
-  hyperparameters and can be frozen (`found_inf`) without touching the others.
+  per model; Adam is PyTorch's fused kernel (AdamW's where a model decays its weights
+  decoupled), one call per model so each model keeps its own hyperparameters and can be frozen
+  (`found_inf`) without touching the others. A scheduled learning rate is a tensor the kernel
+  reads; one-cycle's per-step beta1, which the kernel takes only as a number, takes PyTorch
+  operations (`cycled_adam`).
 - `TritonKernels`, on CUDA (mnistlab.kernels, imported here lazily: CPU runs never load Triton):
   one launch each for Adam, dropout and the loss with its books instead of one per model or a
   dozen; a ReLU stack's hidden layers are one launch each too (`TritonLayers`), other
@@ -30,6 +33,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from mnistlab import schedules
 from mnistlab.config import RunConfig
 from mnistlab.graphs import GraphedStep
 
@@ -71,6 +75,8 @@ class Stack(Protocol):
     flat: dict[str, Tensor]  # (N, P): param, grad, exp_avg, exp_avg_sq
     adam_span: list[int]  # per model, how much of its row Adam steps
     adam_step: Tensor  # steps completed
+    steps: int  # the run's length
+    rates: Tensor  # (N, steps, 2): each model's learning rate and beta1 at each step
     generators: list[torch.Generator]  # dropout draws, one per model
     dropout_seeds: list[int]
 
@@ -119,6 +125,16 @@ class TorchOps:
             [[stack.flat[kind][k, :span]] for kind in ("param", "grad", "exp_avg", "exp_avg_sq")]
             for k, span in enumerate(stack.adam_span)
         ]
+        # Scheduled models read their step's rates from `now`, filled from the stack's table at
+        # the step count the device holds (so a CUDA graph stays valid); the others take their
+        # configuration's numbers, as they always did.
+        scheduled = [not schedules.constant(c) for c in configs]
+        self.now = torch.empty(len(configs), 1, 2, device=device) if any(scheduled) else None
+        self.lr = [self.now[k, 0, 0] if on else c.lr
+                   for k, (c, on) in enumerate(zip(configs, scheduled, strict=True))]
+        smoothing = [c.label_smoothing for c in configs]
+        self.smoothing = (torch.tensor(smoothing, device=device).view(-1, 1, 1)
+                          if any(smoothing) else None)
         self.graph_generators = stack.generators  # advanced by every replay of a CUDA graph
         # Evaluation: rows per forward pass (None: a whole loss chunk, since a GPU wants few, big
         # launches) and the loss sum's dtype (MPS has no float64).
@@ -197,7 +213,7 @@ class TorchOps:
         `books` holds (N,) tensors updated in place: loss_sum, acc_sum, last_loss (this step's
         loss), frozen (1 from a model's first NaN/inf loss on) and diverged_at (that step).
         """
-        loss, accuracy, dlogits = cross_entropy(logits, y)
+        loss, accuracy, dlogits = cross_entropy(logits, y, self.smoothing)
         frozen, diverged_at = books["frozen"], books["diverged_at"]
         bad = ~torch.isfinite(loss)
         step = (self.stack.adam_step + 1).to(diverged_at.dtype)  # this step's number
@@ -210,16 +226,51 @@ class TorchOps:
 
     def adam(self, frozen: Tensor) -> None:
         """Each model's Adam step (the stack's step count already advanced), except frozen ones."""
-        step = self.stack.adam_step
-        for k, c in enumerate(self.stack.configs):
-            torch._fused_adam_(
-                *self.adam_rows[k], [], [step], lr=c.lr, beta1=c.betas[0], beta2=c.betas[1],
-                weight_decay=c.weight_decay, eps=c.eps, amsgrad=False, maximize=False,
-                found_inf=frozen[k],
-            )
+        s, step = self.stack, self.stack.adam_step
+        if self.now is not None:
+            at = (step - 1).clamp(0, s.steps - 1).to(torch.int64).view(1)
+            torch.index_select(s.rates, 1, at, out=self.now)
+        for k, c in enumerate(s.configs):
+            if c.lr_schedule == "onecycle":
+                self.cycled_adam(k, frozen[k])
+                continue
+            rows = self.adam_rows[k]
+            fused, decay = torch._fused_adam_, c.weight_decay
+            if c.decoupled_decay:  # AdamW, after any L2 term is added to the gradient
+                if decay:
+                    rows[1][0].add_(rows[0][0], alpha=decay)
+                fused, decay = torch._fused_adamw_, c.decoupled_decay
+            fused(*rows, [], [step], lr=self.lr[k], beta1=c.betas[0], beta2=c.betas[1],
+                  weight_decay=decay, eps=c.eps, amsgrad=False, maximize=False,
+                  found_inf=frozen[k])
 
-    def step_runner(self, body: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
-        """`body(index)` as a training step runs: replayed as a CUDA graph on CUDA (unless
+    def cycled_adam(self, k: int, frozen: Tensor) -> None:
+        """Model k's Adam step with this step's beta1 (one-cycle's), in PyTorch operations.
+
+        torch.optim.Adam's (and AdamW's) update, with every step-dependent number a tensor.
+        A frozen model's coefficients are zero and its gradient is masked, so its parameters
+        and moments keep their exact values even where its gradient is NaN.
+        """
+        c, step = self.stack.configs[k], self.stack.adam_step
+        (p,), (g,), (m,), (v,) = self.adam_rows[k]
+        lr, beta1 = self.now[k, 0]
+        live = 1 - frozen
+        if c.weight_decay:
+            g = g.add(p, alpha=c.weight_decay)
+        g = g.masked_fill(frozen.bool(), 0.0)
+        if c.decoupled_decay:
+            p.mul_(1 - lr * c.decoupled_decay * live)
+        m.lerp_(g, (1 - beta1) * live)
+        v.lerp_(g * g, (1 - c.betas[1]) * live)
+        # The bias corrections in float64, as PyTorch computes them (1 - 0.999 is 1e-3 to 1e-5
+        # only in float32), applied to float32 tensors.
+        t = step.to(torch.float64)
+        correction2 = torch.sqrt(1 - torch.pow(c.betas[1], t))
+        denom = v.sqrt().div_(correction2).add_(c.eps)
+        p.addcmul_(m / denom, -lr * live / (1 - torch.pow(beta1.to(torch.float64), t)))
+
+    def step_runner(self, body: Callable[..., None]) -> Callable[..., None]:
+        """`body(*inputs)` as a training step runs: replayed as a CUDA graph on CUDA (unless
         MNISTLAB_CUDA_GRAPHS=0), with the generators it draws from registered; else `body`."""
         if self.stack.device.type != "cuda" or os.environ.get("MNISTLAB_CUDA_GRAPHS") == "0":
             return body
@@ -238,7 +289,8 @@ class TritonKernels(TorchOps):
         self.kernels, self.graph_generators = kernels, []
         device = stack.device
         self.hyper = torch.tensor(
-            [[c.lr, *c.betas, c.eps, c.weight_decay] for c in stack.configs], device=device
+            [[c.betas[1], c.eps, c.weight_decay, c.decoupled_decay] for c in stack.configs],
+            device=device,
         )
         self.span = torch.tensor(stack.adam_span, dtype=torch.int32, device=device)
         self.seeds = torch.tensor(stack.dropout_seeds, dtype=torch.int64, device=device)
@@ -249,11 +301,12 @@ class TritonKernels(TorchOps):
         return self.kernels.dropout(a, self.seeds, self.drop_p.view(-1), self.stack.adam_step)
 
     def loss(self, logits: Tensor, y: Tensor, books: dict[str, Tensor]) -> Tensor:
-        return self.kernels.cross_entropy_step(logits, y, books, self.stack.adam_step)
+        smoothing = None if self.smoothing is None else self.smoothing.view(-1)
+        return self.kernels.cross_entropy_step(logits, y, books, self.stack.adam_step, smoothing)
 
     def adam(self, frozen: Tensor) -> None:
         s = self.stack
-        self.kernels.adam_(s.flat, self.hyper, self.span, frozen, s.adam_step)
+        self.kernels.adam_(s.flat, self.hyper, s.rates, self.span, frozen, s.adam_step)
 
 
 class TritonLayers(TritonKernels):
@@ -290,11 +343,21 @@ def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
     return list(zip(edges[::2], edges[1::2], strict=True))
 
 
-def cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per model mean loss (N,), accuracy (N,), and d(sum of the N losses)/d logits."""
+def cross_entropy(logits: Tensor, y: Tensor, smoothing: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per model mean loss (N,), accuracy (N,), and d(sum of the N losses)/d logits.
+
+    With `smoothing` (N, 1, 1), model k's gradient is that of
+    CrossEntropyLoss(label_smoothing=smoothing[k]); the loss stays the plain cross-entropy.
+    """
     logp = torch.log_softmax(logits, -1)
     picked = logp.gather(-1, y.unsqueeze(-1))
     loss = picked.mean((1, 2)).neg()
     accuracy = (logits.argmax(-1) == y).to(logits.dtype).mean(1)
-    grad = logp.exp_().scatter_(-1, y.unsqueeze(-1), picked.exp() - 1).mul_(1.0 / y.shape[1])
+    batch, classes = y.shape[1], logits.shape[-1]
+    grad = logp.exp_().scatter_(-1, y.unsqueeze(-1), picked.exp() - 1).mul_(1.0 / batch)
+    if smoothing is not None:  # the target is (1 - ε) one-hot + ε / C: add ε (one-hot - 1/C)
+        spread = torch.full_like(grad, -1.0 / classes).scatter_(-1, y.unsqueeze(-1),
+                                                                 1.0 - 1.0 / classes)
+        grad.add_(spread.mul_(smoothing / batch))
     return loss, accuracy, grad

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import tomli_w
-from annotated_types import Ge, Gt, Lt, MinLen
+from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import AfterValidator, BeforeValidator, with_config
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
@@ -44,17 +44,37 @@ MAX_MODELS = 10_000  # configurations × seeds in one experiment: a bound on wha
 
 Activation = Literal["relu", "gelu", "tanh"]
 InputNorm = Literal["scale", "standardize"]
+LrSchedule = Literal["constant", "cosine", "onecycle"]
 ACTIVATIONS, INPUT_NORMS = get_args(Activation), get_args(InputNorm)
+LR_SCHEDULES = get_args(LrSchedule)
 
 
 @validated
 class RunConfig:
-    """One MLP and its optimiser. Defaults are the seed study's baseline shape.
+    """One MLP, its optimiser and its training recipe. Defaults are the seed study's baseline.
 
     `dropout_after` lists the hidden layers (1-based) whose activation is followed by Dropout;
     with `layernorm` the dropout sits before that layer's LayerNorm, as in the seed study.
     `input_norm`: "scale" maps pixels to [0, 1]; "standardize" also subtracts the training
     mean and divides by the training std (both recorded in the checkpoint).
+
+    The recipe (every default leaves training as it was; mnistlab.schedules, .augment, .stopping):
+    - `lr_schedule`: "constant"; "cosine", decay to 0 as torch's CosineAnnealingLR; "onecycle",
+      torch's OneCycleLR with max_lr = `lr` and its other defaults (div_factor 25,
+      final_div_factor 1e4, cosine annealing, beta1 cycled 0.95 → 0.85 → 0.95 in place of
+      `betas[0]`). `warmup` is the fraction of the run's steps spent rising: a linear warmup
+      before the constant or cosine rate, OneCycleLR's `pct_start` (its default is 0.3).
+    - `weight_decay` is L2 added to the gradient (torch.optim.Adam's); `decoupled_decay` is
+      decoupled decay of the weights (torch.optim.AdamW's `weight_decay`). Both may be set:
+      the L2 term goes through Adam's moments, the decoupled one does not.
+    - `label_smoothing`: torch.nn.CrossEntropyLoss's; the recorded losses stay the plain
+      cross-entropy, so curves of any smoothing compare.
+    - Augmentation of each training image: a shift of up to `translate` pixels (integers, each
+      axis), a rotation of up to `rotate` degrees and a zoom by a factor in [1 - `zoom`,
+      1 + `zoom`] about the centre, drawn per image from a stream keyed by the seed.
+    - `restore_best`: the model keeps its weights of its best validation record (highest
+      accuracy, the earliest of ties), as Keras's restore_best_weights; `patience` > 0 stops
+      training a model after that many records without a better validation accuracy.
     """
 
     name: Name = "baseline"
@@ -71,6 +91,15 @@ class RunConfig:
     eps: Annotated[Real, Gt(0), "must be > 0 and finite"] = 1e-8
     weight_decay: Annotated[Real, Ge(0), "must be >= 0 and finite"] = 0.0
     input_norm: Annotated[InputNorm, f"must be one of {', '.join(INPUT_NORMS)}"] = "scale"
+    lr_schedule: Annotated[LrSchedule, f"must be one of {', '.join(LR_SCHEDULES)}"] = "constant"
+    warmup: Annotated[Unit, "must be in [0, 1) (a fraction of the training steps)"] = 0.0
+    decoupled_decay: Annotated[Real, Ge(0), "must be >= 0 and finite"] = 0.0
+    label_smoothing: Annotated[Unit, "must be in [0, 1)"] = 0.0
+    translate: Annotated[NonNegative, "must be an integer >= 0 (pixels)"] = 0
+    rotate: Annotated[Real, Ge(0), Le(180), "must be in [0, 180] (degrees)"] = 0.0
+    zoom: Annotated[Unit, "must be in [0, 1)"] = 0.0
+    restore_best: Switch = False
+    patience: Annotated[NonNegative, "must be an integer >= 0 (records; 0: never stop)"] = 0
 
     def __post_init__(self) -> None:
         if any(i > len(self.hidden) for i in self.dropout_after):
@@ -81,12 +110,16 @@ class RunConfig:
     def architecture(self) -> tuple:
         """What must match for two configurations to share one engine stack.
 
-        Learning rate, Adam settings, dropout p and LayerNorm on/off may differ within a stack
-        (LayerNorm is selected per model), so the whole seed study is one stack.
+        Learning rate, Adam settings, dropout p, LayerNorm on/off and the whole recipe may
+        differ within a stack (LayerNorm is selected per model), so the whole seed study is one
+        stack.
         """
         return (self.hidden, self.activation, self.dropout_after, self.input_norm)
 
 
+# The training recipe's fields: each changes how a model trains, never its shape.
+RECIPE = ("lr_schedule", "warmup", "decoupled_decay", "label_smoothing", "translate", "rotate",
+          "zoom", "restore_best", "patience")
 StepCount = Annotated[Count, "must be an integer >= 1"]
 
 

@@ -20,9 +20,17 @@ The schedule (mnistlab.config.Schedule):
 - Divergence: a model whose batch loss is NaN/inf at step s is `diverged` at s and frozen from
   then on (that step's update is skipped; weights and Adam moments never change again); its rows
   from that record on and its test metrics carry NaN. The other models are unaffected.
+- Early stopping and best weights (mnistlab.stopping): after each record, a model with
+  `patience` may stop, frozen from then on like a diverged one (its rows go on, recording the
+  stopped model); a model with `restore_best` ends with its weights of its best validation
+  record, which the test pass and the checkpoint then use.
+- Augmentation (mnistlab.augment): a model that augments sees its seed's batch transformed by
+  its stream (seed and settings), shared with the models of its seed that augment alike.
 - Resume state: at every epoch end and on Ctrl-C (taken between steps), everything needed to
   continue bit for bit goes to `state_path` atomically: safetensors for tensors (weights, Adam
-  moments, generator states, permutations), JSON in its metadata for the rest. No pickle.
+  moments, generator states, permutations, best weights), JSON in its metadata for the rest.
+  No pickle. Learning-rate schedules and augmentation draws are functions of the step count,
+  so they need nothing saved.
 """
 
 from __future__ import annotations
@@ -48,12 +56,14 @@ from safetensors.torch import save
 from torch import Tensor
 from typing_extensions import TypedDict
 
+from mnistlab import augment
 from mnistlab.atomic import atomic_write_bytes
 from mnistlab.config import MetricRow, RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.errors import CheckpointError, ConfigError, MnistlabError
 from mnistlab.model import Checkpoint, InputSpec, json_field, read_safetensors, unstack_model
 from mnistlab.stack import Stack, derived_seed
+from mnistlab.stopping import Monitor
 from mnistlab.validation import NonNegative, Real, validate
 
 STATE_FORMAT = "mnistlab-train-state/1"
@@ -102,6 +112,9 @@ class TrainResult:
     rows: list[dict]  # run, seed, step, epoch, split ("train"|"val"), loss, accuracy
     test: list[dict]  # per member: {"loss", "accuracy"} on splits.test, once at the end
     diverged: list[int | None]  # per member: the step whose loss was NaN/inf, else None
+    stopped: list[int | None]  # per member: the record step it stopped early at, else None
+    restored: list[int | None]  # per member: the record step whose weights it ends with
+    # (restore_best), else None: its last weights
     seconds: float  # training wall time (all sessions of a resumed run; no data loading)
     device: str
     members: list[Member]
@@ -232,8 +245,13 @@ class _Training:
         self.order_rngs = [
             torch.Generator().manual_seed(derived_seed("order", s)) for s in self.seeds
         ]
+        self._sources(spec)
         configs, seeds = [m.config for m in members], [m.seed for m in members]
-        self.stack = Stack.initial(configs, seeds, self.x.shape[1], len(spec.classes), device)
+        self.stack = Stack.initial(configs, seeds, self.x.shape[1], len(spec.classes), device,
+                                   self.total)
+        self.monitor = Monitor(configs)
+        restoring = any(c.restore_best for c in configs)
+        self.best = torch.zeros_like(self.stack.flat["param"]) if restoring else None
         zeros = torch.zeros(len(members), device=device)
         self.frozen, self.loss_sum, self.acc_sum = zeros, zeros.clone(), zeros.clone()
         self.diverged_at = torch.zeros(len(members), dtype=torch.int64, device=device)
@@ -258,33 +276,71 @@ class _Training:
         labels = torch.as_tensor(part.labels)
         return spec.prepare(part.images).to(self.device), labels.to(self.device)
 
-    def batch_index(self) -> Tensor:
-        """Row indices (seeds, B) of the current step: one permutation per seed and epoch."""
+    def _sources(self, spec: InputSpec) -> None:
+        """Where each model's inputs come from: rows of the step's batch, one per source.
+
+        Without augmentation a source is a seed's batch: one row that every model shares (one
+        seed), or each model its seed's row. With it, a source is a seed alone (the models that
+        do not augment) or a seed with its augmentation settings, the augmented ones last.
+        """
+        streams = [(m.seed, augment.settings(m.config)) for m in self.members]
+        self.augmenter: augment.Augmenter | None = None
+        self.maps: Tensor | None = None  # the epoch's augmentation transforms
+        if not any(values for _, values in streams):
+            single = len(self.seeds) == 1
+            self.source_seed, self.source_of, self.plain = None if single else self.group, None, 0
+            return
+        sources = sorted(dict.fromkeys(streams), key=lambda source: source[1] is not None)
+        self.plain = sum(values is None for _, values in sources)
+        self.source_seed = torch.tensor([self.seeds.index(seed) for seed, _ in sources],
+                                        device=self.device)
+        of = [sources.index(stream) for stream in streams]
+        identity = of == list(range(len(sources)))
+        self.source_of = None if identity else torch.tensor(of, device=self.device)
+        black = spec.prepare(np.zeros((1, *spec.shape), np.uint8))[0, 0].item()
+        self.augmenter = augment.Augmenter(sources[self.plain :], spec.shape, black,
+                                           self.steps_per_epoch, self.schedule.batch_size,
+                                           self.device)
+
+    def step_inputs(self) -> tuple[Tensor, ...]:
+        """The current step's row indices (seeds, B), one permutation per seed and epoch, and
+        with augmentation the step's transforms."""
         i = self.step % self.steps_per_epoch
         if i == 0:
             perms = [torch.randperm(len(self.x), generator=g) for g in self.order_rngs]
             self.perms = torch.stack(perms).to(self.device)
-        return self.perms[:, i * self.schedule.batch_size : (i + 1) * self.schedule.batch_size]
+            self._draw_transforms()
+        index = self.perms[:, i * self.schedule.batch_size : (i + 1) * self.schedule.batch_size]
+        return (index,) if self.maps is None else (index, self.maps[:, i])
 
-    def gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Inputs (N, B, D) and labels (N, B) for `index`: each model its seed's batch."""
-        if len(self.seeds) > 1:
-            index = index[self.group]  # each model its seed's rows
-        x = self.x.index_select(0, index.flatten()).view(*index.shape, -1)  # faster than x[index]
-        y = self.y[index]
-        if len(self.seeds) == 1:
+    def _draw_transforms(self) -> None:
+        """The current epoch's augmentation transforms (a function of the epoch alone)."""
+        if self.augmenter is not None:
+            self.maps = self.augmenter.epoch(self.step // self.steps_per_epoch)
+
+    def gather(self, index: Tensor, maps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Inputs (N, B, D) and labels (N, B) for `index`: each model its source's batch
+        (see `_sources`), augmented by `maps` where the source augments."""
+        rows = index if self.source_seed is None else index[self.source_seed]
+        x = self.x.index_select(0, rows.flatten()).view(*rows.shape, -1)  # faster than x[rows]
+        y = self.y[rows]
+        if maps is not None:
+            x[self.plain :] = self.augmenter.apply(x[self.plain :], maps)
+        if len(rows) == 1:
             return x.expand(len(self.members), -1, -1), y.expand(len(self.members), -1)
-        return x, y
+        if self.source_of is None:
+            return x, y
+        return x[self.source_of], y[self.source_of]
 
     def train_step(self) -> None:
-        index = self.batch_index()
+        inputs = self.step_inputs()
         self.step += 1
         self.since += 1
-        self.run_step(index)
+        self.run_step(*inputs)
 
-    def _step(self, index: Tensor) -> None:
+    def _step(self, index: Tensor, maps: Tensor | None = None) -> None:
         """A step's device work: no host reads and state changed only in place (graphable)."""
-        x, y = self.gather(index)
+        x, y = self.gather(index, maps)
         logits, hidden = self.stack.forward(x, train=True)
         dlogits = self.stack.backend.loss(logits, y, self.books)
         self.stack.backward(dlogits, hidden)
@@ -307,7 +363,22 @@ class _Training:
         self.acc_sum.zero_()
         self.since = 0
         self.rows += rows
+        self.watch([math.nan if dead[k] else a for k, a in enumerate(val_acc)])
         return rows
+
+    def watch(self, accuracy: list[float]) -> None:
+        """Best weights and early stopping after this record's validation `accuracy`."""
+        keep, stop = self.monitor.update(self.step, accuracy, self.step == self.total)
+        for k in keep:
+            self.best[k].copy_(self.stack.flat["param"][k])
+        for k in stop:
+            self.frozen[k] = 1.0
+
+    def restore_best(self) -> None:
+        """The weights of each restoring model's best record, in place of its last ones."""
+        for k, step in enumerate(self.monitor.restored()):
+            if step is not None:
+                self.stack.flat["param"][k].copy_(self.best[k])
 
     def log_lines(self) -> list[str]:
         epoch, i = divmod(self.step - 1, self.steps_per_epoch)
@@ -343,6 +414,7 @@ class _Training:
             **{f"order_rng.{j}": g.get_state() for j, g in enumerate(self.order_rngs)},
             "frozen": self.frozen, "diverged_at": self.diverged_at,
             "loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
+            **({"best_param": self.best} if self.best is not None else {}),
         }
 
     def load(self, path: Path) -> None:
@@ -386,7 +458,8 @@ class _Training:
 
     def _check_tensors(self, tensors: dict[str, Tensor], step: int) -> None:
         """Exactly the tensors this run saves, each of its dtype and shape (perms: see
-        _permutations), and divergence marks that agree: frozen from the step it diverged."""
+        _permutations), and divergence marks that agree with the records: frozen from the step
+        it diverged or the record it stopped at (`_replay` has read the records)."""
         expected = {**self.stack.state(), **self._books()}
         unknown = sorted(set(tensors) - set(expected) - {"perms"})
         if unknown:
@@ -396,21 +469,35 @@ class _Training:
             if found is None or found.dtype != mine.dtype or found.shape != mine.shape:
                 raise ValueError(f"{name} is missing or not {mine.dtype} {tuple(mine.shape)}")
         frozen, dead = tensors["frozen"], tensors["diverged_at"]
-        if not (torch.equal(frozen, (dead > 0).to(frozen.dtype)) and dead.min() >= 0
+        stopped = torch.tensor([s is not None for s in self.monitor.stopped])
+        if not (torch.equal(frozen, ((dead > 0) | stopped).to(frozen.dtype)) and dead.min() >= 0
                 and dead.max() <= step):
-            raise ValueError("frozen and diverged_at disagree")
+            raise ValueError("frozen disagrees with diverged_at and the records")
+
+    def _replay(self, rows: list[MetricRow]) -> None:
+        """The monitor's state after `rows`: each record's validation accuracies, in order (a
+        record missing a model's row is a damaged state: KeyError)."""
+        val = {(r["step"], r["run"], r["seed"]): r["accuracy"] for r in rows
+               if r["split"] == "val"}
+        for step in sorted({step for step, _, _ in val}):
+            accuracy = [val[step, m.config.name, m.seed] for m in self.members]
+            self.monitor.update(step, accuracy, step == self.total)
 
     def _restore(self, tensors: dict[str, Tensor], progress: Progress) -> None:
+        self._replay(progress["rows"])
         self._check_tensors(tensors, progress["step"])
         self.step, self.since = progress["step"], progress["since"]
         self.seconds, self.rows = progress["seconds"], [dict(r) for r in progress["rows"]]
         self.stack.load_state(tensors, self.step)
         for j, g in enumerate(self.order_rngs):
             g.set_state(tensors[f"order_rng.{j}"])
-        for name in ("frozen", "diverged_at", "loss_sum", "acc_sum"):
-            getattr(self, name).copy_(tensors[name])
+        for name, tensor in self._books().items():
+            if not name.startswith("order_rng."):
+                tensor.copy_(tensors[name])
         if "perms" in tensors or self.step % self.steps_per_epoch:
             self.perms = self._permutations(tensors.get("perms")).to(self.device)
+        if self.step % self.steps_per_epoch:
+            self._draw_transforms()
 
     def _permutations(self, perms: Tensor | None) -> Tensor:
         """The saved epoch's batch order: one permutation of the training rows per seed (which
@@ -556,6 +643,7 @@ def train(
         writer.wait()
         _sync(dev)
         run.seconds = time.perf_counter() - start
+        run.restore_best()
         test_x, test_y = run._on_device(splits.test, spec)
         blocks: list[Tensor] = []
         test_loss, test_acc = evaluate(run.stack, test_x, test_y, blocks)
@@ -565,5 +653,5 @@ def train(
         for d, lo, acc in zip(diverged, test_loss, test_acc, strict=True)
     ]
     weights = {k: v.cpu() for k, v in run.stack.params.items()}
-    return TrainResult(run.rows, test, diverged, run.seconds, str(dev), members, spec, weights,
-                       _test_predictions(blocks))
+    return TrainResult(run.rows, test, diverged, run.monitor.stopped, run.monitor.restored(),
+                       run.seconds, str(dev), members, spec, weights, _test_predictions(blocks))

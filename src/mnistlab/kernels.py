@@ -7,10 +7,12 @@ from one generator per call, so per-model streams cost N more; LayerNorm, ReLU a
 bookkeeping are a dozen elementwise launches each. Here each is one launch for the whole stack,
 and a CUDA graph (mnistlab.graphs) replays them with the matrix products.
 
-- `adam_`: torch.optim.Adam's update (L2 weight decay, bias correction) on the flat (N, P)
-  parameter rows, each row with its own lr, betas, eps, weight decay, span (how much of the row
-  it steps) and frozen flag. It follows PyTorch's fused CUDA kernel to float32 rounding, not
-  bit for bit (its bias corrections are exp2(t·log2 β) in float64).
+- `adam_`: torch.optim.Adam's update (L2 weight decay, bias correction) and AdamW's decoupled
+  decay on the flat (N, P) parameter rows, each row with its own betas, eps, decays, span (how
+  much of the row it steps), frozen flag, and learning rate and beta1 read from its schedule's
+  table at the step count held on the device (mnistlab.schedules). It follows PyTorch's fused
+  CUDA kernel to float32 rounding, not bit for bit (its bias corrections are exp2(t·log2 β) in
+  float64).
 - `dropout`, and the dropout inside `hidden_forward`: inverted-dropout scales from a
   counter-based Philox stream keyed by each model's dropout seed and the step number, so a
   model's masks depend on nothing else (not on N, not on what ran before) and need no
@@ -19,8 +21,9 @@ and a CUDA graph (mnistlab.graphs) replays them with the matrix products.
 - `hidden_forward` / `hidden_backward`: a ReLU hidden layer after its matrix product (ReLU,
   dropout, LayerNorm for the models that have it) and its gradient, including the LayerNorm
   and bias gradients as column sums added in a fixed order (deterministic, no atomics).
-- `cross_entropy_step`: the loss gradient, and the step's loss/accuracy sums and divergence
-  marks that the PyTorch backend keeps with a dozen small operations.
+- `cross_entropy_step`: the loss gradient (with each model's label smoothing), and the step's
+  loss/accuracy sums and divergence marks that the PyTorch backend keeps with a dozen small
+  operations.
 
 Importing this module needs Triton; mnistlab.backend imports it only for a CUDA stack, and
 without Triton (or with MNISTLAB_TRITON=0) the stack's backend is PyTorch operators. Tests run
@@ -39,21 +42,23 @@ STEP_KEY = tl.constexpr(2654435761)  # Knuth's multiplicative constant: steps �
 
 
 @triton.jit
-def _adam_kernel(param, grad, exp_avg, exp_avg_sq, hyper, span, frozen, step, row_size,
-                 BLOCK: tl.constexpr):
+def _adam_kernel(param, grad, exp_avg, exp_avg_sq, hyper, rates, steps, span, frozen, step,
+                 row_size, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     if tl.load(frozen + row) != 0:
         return
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < tl.load(span + row)
     at = row.to(tl.int64) * row_size + offsets
-    lr = tl.load(hyper + row * 5)
-    beta1 = tl.load(hyper + row * 5 + 1)
-    beta2 = tl.load(hyper + row * 5 + 2)
-    eps = tl.load(hyper + row * 5 + 3)
-    decay = tl.load(hyper + row * 5 + 4)
-    # Per-row scalars in float64, as PyTorch's kernel computes them, then float32 math.
+    beta2 = tl.load(hyper + row * 4)
+    eps = tl.load(hyper + row * 4 + 1)
+    decay = tl.load(hyper + row * 4 + 2)
+    decoupled = tl.load(hyper + row * 4 + 3)
     t = tl.load(step).to(tl.float64)
+    now = tl.minimum(tl.maximum(t.to(tl.int64) - 1, 0), steps - 1)  # this step's row
+    lr = tl.load(rates + (row.to(tl.int64) * steps + now) * 2)
+    beta1 = tl.load(rates + (row.to(tl.int64) * steps + now) * 2 + 1)
+    # Per-row scalars in float64, as PyTorch's kernel computes them, then float32 math.
     correction1 = 1.0 - tl.exp2(t * tl.log2(beta1.to(tl.float64)))
     correction2 = 1.0 - tl.exp2(t * tl.log2(beta2.to(tl.float64)))
     step_size = (lr.to(tl.float64) / correction1).to(tl.float32)
@@ -63,6 +68,7 @@ def _adam_kernel(param, grad, exp_avg, exp_avg_sq, hyper, span, frozen, step, ro
     m = tl.load(exp_avg + at, mask=inside)
     v = tl.load(exp_avg_sq + at, mask=inside)
     g = g + p * decay
+    p = p * (1.0 - lr * decoupled)  # AdamW's decay, before the update (1.0 where off)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = tl.div_rn(tl.sqrt_rn(v), correction2_sqrt) + eps  # IEEE-rounded, as PyTorch
@@ -123,8 +129,8 @@ def _hidden_forward_kernel(z, out, scale, xhat, rstd, weight, bias, param_stride
 
 @triton.jit
 def _loss_kernel(logits, labels, label_stride, grad, loss_sum, acc_sum, last_loss, frozen,
-                 diverged_at, step, classes, BATCH: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 diverged_at, step, smoothing, classes, BATCH: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
     batch = BATCH
     k = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -149,7 +155,11 @@ def _loss_kernel(logits, labels, label_stride, grad, loss_sum, acc_sum, last_los
         total += tl.sum(tl.where(row_ok, -picked, 0.0), 0)
         guess = tl.argmax(x, 1, tie_break_left=True)
         correct += tl.sum(tl.where(row_ok & (guess == y), 1.0, 0.0), 0)
-        g = (e / norm[:, None] - tl.where(hit, 1.0, 0.0)) / batch
+        target = tl.where(hit, 1.0, 0.0)
+        if HAS_SMOOTHING:  # CrossEntropyLoss(label_smoothing=ε): (1 - ε) one-hot + ε / C
+            spread = tl.load(smoothing + k)
+            target = target * (1.0 - spread) + spread / classes
+        g = (e / norm[:, None] - target) / batch
         tl.store(grad + at, g, mask=ok)
     loss = total / batch
     bad = (loss != loss) | (tl.abs(loss) == float("inf"))
@@ -217,19 +227,21 @@ def _column_sums_kernel(partial, width, layernorm, grad_w, grad_b, grad_stride, 
             tl.store(grad_b + k * grad_stride + cols, total, mask=col_ok)
 
 
-def adam_(flat: dict[str, Tensor], hyper: Tensor, span: Tensor, frozen: Tensor,
+def adam_(flat: dict[str, Tensor], hyper: Tensor, rates: Tensor, span: Tensor, frozen: Tensor,
           step: Tensor) -> None:
     """One Adam step for every row of the flat (N, P) tensors, in place.
 
-    `hyper` (N, 5) holds lr, beta1, beta2, eps, weight decay per row; `span` (N,) how many
-    leading elements of each row to step; rows with `frozen` != 0 are left untouched. `step`
-    is the step count after this step (a 0-dim float tensor on the device).
+    `hyper` (N, 4) holds beta2, eps, L2 weight decay and decoupled (AdamW) decay per row;
+    `rates` (N, T, 2) each row's learning rate and beta1 for each step of its run (clamped to
+    the last where a stack steps more); `span` (N,) how many leading elements of each row to
+    step; rows with `frozen` != 0 are left untouched. `step` is the step count after this step
+    (a 0-dim float tensor on the device), which picks the rates.
     """
     param = flat["param"]
     n, size = param.shape
     grid = (n, triton.cdiv(size, BLOCK))
-    _adam_kernel[grid](param, flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], hyper, span,
-                       frozen, step, size, BLOCK=BLOCK)
+    _adam_kernel[grid](param, flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], hyper,
+                       rates.contiguous(), rates.shape[1], span, frozen, step, size, BLOCK=BLOCK)
 
 
 def dropout(a: Tensor, seeds: Tensor, p: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,21 +259,24 @@ def dropout(a: Tensor, seeds: Tensor, p: Tensor, step: Tensor) -> tuple[Tensor, 
     return out, scale
 
 
-def cross_entropy_step(logits: Tensor, labels: Tensor, sums: dict[str, Tensor], step: Tensor
-                       ) -> Tensor:
+def cross_entropy_step(logits: Tensor, labels: Tensor, sums: dict[str, Tensor], step: Tensor,
+                       smoothing: Tensor | None = None) -> Tensor:
     """d(sum of per-model mean losses)/d logits for logits (N, B, C), plus the step's books.
 
     In one launch per step, what the PyTorch backend does in twenty: per model the batch's
     mean cross-entropy and accuracy are added to `sums["loss_sum"]`/`["acc_sum"]` and kept in
     `["last_loss"]`; a model whose loss is NaN/inf gets `["frozen"]` = 1 and, the first time,
-    `["diverged_at"]` = this step (`step` holds the steps completed before it).
+    `["diverged_at"]` = this step (`step` holds the steps completed before it). With
+    `smoothing` (N,), model k's gradient is CrossEntropyLoss(label_smoothing=smoothing[k])'s;
+    the books keep the plain cross-entropy.
     """
     n, batch, classes = logits.shape
     grad = torch.empty_like(logits)
     _loss_kernel[(n,)](logits.contiguous(), labels, labels.stride(0), grad, sums["loss_sum"],
                        sums["acc_sum"], sums["last_loss"], sums["frozen"], sums["diverged_at"],
-                       step, classes, BATCH=batch, ROWS=32,
-                       BLOCK_C=triton.next_power_of_2(classes))
+                       step, smoothing if smoothing is not None else logits, classes,
+                       BATCH=batch, ROWS=32, BLOCK_C=triton.next_power_of_2(classes),
+                       HAS_SMOOTHING=smoothing is not None)
     return grad
 
 

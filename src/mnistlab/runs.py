@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired
 
 from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict
@@ -55,6 +55,8 @@ class ModelResult(TypedDict):
     test_accuracy: Number
     test_loss: Number
     diverged_at: Int | None
+    stopped_at: NotRequired[Int | None]  # early stopping's record (runs before 0.2 lack it)
+    restored_from: NotRequired[Int | None]  # restore_best's record
     seconds: Number
 
 

@@ -33,9 +33,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from mnistlab import schedules
 from mnistlab.backend import Hidden, choose
-from mnistlab.config import RunConfig, to_dict
+from mnistlab.config import RECIPE, RunConfig, to_dict
 from mnistlab.model import build_mlp, stack_models
+
+RECIPE_DEFAULTS = to_dict(RunConfig())
 
 
 def derived_seed(*parts: object) -> int:
@@ -45,16 +48,26 @@ def derived_seed(*parts: object) -> int:
 
 
 def dropout_seed(config: RunConfig, seed: int) -> int:
-    """A model's dropout stream: its seed and hyperparameters, not its name or stack position."""
-    return derived_seed("dropout", seed, {**to_dict(config), "name": None})
+    """A model's dropout stream: its seed and hyperparameters, not its name or stack position.
+
+    The recipe's fields (config.RECIPE) count only where they differ from their defaults: they
+    came later, and a configuration that leaves them alone keeps the masks it always had.
+    """
+    values = {k: v for k, v in to_dict(config).items()
+              if k not in RECIPE or v != RECIPE_DEFAULTS[k]}
+    return derived_seed("dropout", seed, {**values, "name": None})
 
 
 class Stack:
-    """The parameters, Adam moments and dropout generators of N models, and their backend."""
+    """The parameters, Adam moments and dropout generators of N models, and their backend.
+
+    `steps` is the length of the training run, which the learning-rate schedules span
+    (mnistlab.schedules; 1 for a stack that is not trained).
+    """
 
     def __init__(
         self, configs: Sequence[RunConfig], seeds: Sequence[int], weights: dict[str, Tensor],
-        device: torch.device,
+        device: torch.device, steps: int = 1,
     ):
         self.configs, self.seeds, self.device = list(configs), list(seeds), device
         self.n = len(self.configs)
@@ -80,6 +93,8 @@ class Stack:
         for key, v in weights.items():
             self.params[key].copy_(v)
         self.adam_step = torch.zeros((), device=device)  # steps completed
+        self.steps = steps
+        self.rates = schedules.table(configs, steps, device)  # (N, steps, 2): lr, beta1
         any_dropout = any(c.dropout > 0 for c in configs)
         self.dropout_layers = set(i - 1 for i in arch.dropout_after) if any_dropout else set()
         self.dropout_seeds = [dropout_seed(c, s) for c, s in zip(configs, seeds, strict=True)]
@@ -90,7 +105,7 @@ class Stack:
     @classmethod
     def initial(
         cls, configs: Sequence[RunConfig], seeds: Sequence[int], input_dim: int, n_classes: int,
-        device: torch.device,
+        device: torch.device, steps: int = 1,
     ) -> Stack:
         """Model k starts as `build_mlp(configs[k])` built right after `torch.manual_seed(seed)`."""
         models = []
@@ -98,7 +113,7 @@ class Stack:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 models.append(build_mlp(config, input_dim, n_classes))
-        return cls(configs, seeds, stack_models(models), device)
+        return cls(configs, seeds, stack_models(models), device, steps)
 
     # --- forward / backward -------------------------------------------------------------------
 
@@ -131,7 +146,8 @@ class Stack:
     # --- optimiser ----------------------------------------------------------------------------
 
     def adam(self, frozen: Tensor) -> None:
-        """A torch.optim.Adam step (L2 weight decay) for each model, except where frozen[k] = 1.
+        """A torch.optim.Adam step for each model, except where frozen[k] = 1: its L2 weight
+        decay, its decoupled decay (torch.optim.AdamW's), its scheduled learning rate and beta1.
 
         Only a model's own parameters are stepped: not the unused LayerNorm ones of a model
         without LayerNorm, which weight decay would otherwise move.

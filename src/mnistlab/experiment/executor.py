@@ -69,8 +69,15 @@ def steps_per_epoch(n_train: int, schedule: Schedule) -> int:
 
 
 def _run_summary(member: Member, result: TrainResult, k: int) -> dict[str, Any]:
-    """Per model: final and best validation metrics, final training metrics, test metrics."""
+    """Per model: final and best validation metrics, final training metrics, test metrics.
+
+    "Final" is the record whose weights the model ends with: its last, or with restore_best
+    its best (the weights that were tested and saved).
+    """
     mine = [r for r in result.rows if r["run"] == member.config.name and r["seed"] == member.seed]
+    restored = result.restored[k]
+    if restored is not None:
+        mine = [r for r in mine if r["step"] <= restored]
     val = [r for r in mine if r["split"] == "val"]
     train = [r for r in mine if r["split"] == "train"]
     best = max(val, key=lambda r: r["accuracy"]) if val else None
@@ -87,6 +94,8 @@ def _run_summary(member: Member, result: TrainResult, k: int) -> dict[str, Any]:
         "test_accuracy": result.test[k]["accuracy"],
         "test_loss": result.test[k]["loss"],
         "diverged_at": result.diverged[k],
+        "stopped_at": result.stopped[k],
+        "restored_from": restored,
         "seconds": result.seconds / len(result.members),
     }
 

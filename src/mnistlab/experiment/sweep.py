@@ -71,6 +71,15 @@ NAME_PARTS: dict[str, str | tuple[str, str]] = {
     "record_every": "rec",
     "log_every": "log",
     "drop_last": ("dl", "nodl"),
+    "lr_schedule": "",
+    "warmup": "wu",
+    "decoupled_decay": "dwd",
+    "label_smoothing": "ls",
+    "translate": "tr",
+    "rotate": "rot",
+    "zoom": "zm",
+    "restore_best": ("best", "last"),
+    "patience": "pat",
 }
 FIELD_TYPES = {key: {**hints(RunConfig), **hints(Schedule)}[key] for key in NAME_PARTS}
 VALUES = "must be a non-empty list of values"
