@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
+from mnistlab._version import __version__
 from mnistlab.cli import app
 
 COMMANDS = [
@@ -29,6 +36,126 @@ def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage" in result.output
+
+
+def _tree(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every command and group of the CLI with its path of names, the root first."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _tree(sub, (*path, name))
+
+
+TREE = dict(_tree(typer.main.get_command(app)))
+
+
+def _bare(text: str) -> str:
+    """Text without its whitespace: help is rewrapped to the terminal's width (and may break a
+    line after a hyphen), but every other character must survive."""
+    return "".join(text.split())
+
+
+def test_the_tree_is_the_tested_commands():
+    assert sorted(TREE) == sorted([(), *map(tuple, COMMANDS)])
+
+
+@pytest.mark.parametrize("path", TREE, ids=lambda path: " ".join(path) or "mnistlab")
+def test_help_renders_every_text_as_written(path):
+    """Each help text and option help, as written: Rich markup would have swallowed `[grid]`
+    or `[schedule]`. The examples keep their line breaks. `-h` is `--help`."""
+    command = TREE[path]
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    shown = _bare(result.output)
+    texts = [command.help, *(param.help for param in command.params)]
+    for text in filter(None, texts):
+        assert _bare(text) in shown, text
+    lines = [line.strip() for line in result.output.splitlines()]
+    examples = command.epilog.splitlines()
+    assert examples[:2] == ["\b", "Examples:"] and len(examples) > 2
+    assert all(example.strip() in lines for example in examples[1:])
+    assert CliRunner().invoke(app, [*path, "-h"]).output == result.output
+
+
+@pytest.mark.parametrize(("path", "words"), [
+    (("sweep",), ["[schedule]", "[grid]", "[random]"]),
+    (("train",), ["[schedule]"]),
+    (("study",), ["[schedule]"]),
+    (("predict",), ["test.csv[0]", "'scans/*.png'"]),
+])
+def test_bracketed_words_are_shown(path, words):
+    output = CliRunner().invoke(app, [*path, "--help"]).output
+    assert all(word in output for word in words), output
+
+
+@pytest.mark.parametrize("path", TREE, ids=lambda path: " ".join(path) or "mnistlab")
+def test_every_example_is_a_valid_command_line(path):
+    """Examples cannot rot: each names real commands and options with values of their types."""
+    for example in TREE[path].epilog.splitlines()[2:]:
+        program, *words = shlex.split(example)
+        assert program == "mnistlab"
+        command = TREE[()]
+        while hasattr(command, "commands"):
+            command = command.commands[words.pop(0)]
+        command.make_context(command.name, words)  # a UsageError names what is wrong
+
+
+def test_version():
+    result = _mnistlab("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"mnistlab {__version__}\n"
+    assert __version__ == importlib.metadata.version("mnistlab")
+
+
+def test_help_loads_no_heavy_module():
+    """`mnistlab --help` stays fast: commands import PyTorch, numpy, matplotlib and Rich when
+    they run, not when the CLI is built."""
+    code = ("import sys\nfrom mnistlab.cli import app\n"
+            "for args in (['--help'], ['train', '--help'], ['predict', '--help']):\n"
+            "    try:\n        app(args, prog_name='mnistlab')\n"
+            "    except SystemExit:\n        pass\n"
+            "heavy = ('torch', 'numpy', 'matplotlib', 'rich', 'pandas', 'PIL')\n"
+            "print('loaded:', *[m for m in heavy if m in sys.modules], file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stderr.strip() == "loaded:"
+
+
+@pytest.mark.parametrize("path", [("study",), ("train",), ("sweep",), ("data", "fetch")],
+                         ids=" ".join)
+def test_every_command_that_shows_progress_has_quiet(path):
+    names = {opt for param in TREE[path].params for opt in getattr(param, "opts", ())}
+    assert {"-q", "--quiet"} <= names
+
+
+def test_data_fetch_quiet_hides_the_download_bars(monkeypatch, tmp_path):
+    from mnistlab.data import sources
+
+    calls = []
+    monkeypatch.setattr(sources, "fetch", lambda name, dest, progress: calls.append(progress)
+                        or tmp_path)
+    for args, progress in ((["-q"], False), ([], True), (["--quiet"], False)):
+        result = CliRunner().invoke(app, ["data", "fetch", "mnist", "--dest", str(tmp_path),
+                                          *args])
+        assert result.exit_code == 0 and result.stdout == f"mnist: verified in {tmp_path}\n"
+        assert calls.pop() is progress
+
+
+def test_train_is_verbose_unless_told_otherwise(idx_dir: Path, tmp_path: Path):
+    """`train` prints a Keras-style line per epoch by default; --no-verbose keeps the progress
+    without them, -q prints no progress at all; the results table comes either way."""
+    args = ["train", "--data", str(idx_dir), "--hidden", "16", "--dropout-after", "",
+            "--epochs", "2", "--record-every", "1", "--device", "cpu", "--out", str(tmp_path)]
+    runner = CliRunner()
+    shown = {flag: runner.invoke(app, [*args, *flag]) for flag in ((), ("--no-verbose",),
+                                                                   ("-q",), ("-v",))}
+    assert all(r.exit_code == 0 and "final val acc" in r.stdout for r in shown.values())
+    keras = [line for line in shown[()].stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in keras] == ["epoch 1 h16_da", "epoch 2 h16_da"]
+    assert all(" - val_acc " in line for line in keras)
+    assert "training: 1 model" in shown[("--no-verbose",)].stderr
+    assert "\nepoch " not in shown[("--no-verbose",)].stderr
+    assert shown[("-q",)].stderr == ""
+    assert "\nepoch 2 h16_da: loss " in shown[("-v",)].stderr
 
 
 def _mnistlab(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """Evaluation of a real (briefly trained) model on the real MNIST test images."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,18 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 import mnistlab as ml
-from mnistlab.config import RunConfig
+from mnistlab.cli import app
+from mnistlab.config import RunConfig, Schedule, StudyConfig
 from mnistlab.data import Dataset, load
 from mnistlab.errors import DataError, MnistlabError
-from mnistlab.evaluation import Predictions, evaluate, evaluation, logits, predictions
+from mnistlab.evaluation import (
+    Evaluation,
+    Predictions,
+    evaluate,
+    evaluation,
+    logits,
+    predictions,
+)
 from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
 from mnistlab.report.table import format_evaluation
 
@@ -87,6 +96,40 @@ def test_metrics_match_a_direct_computation(checkpoint, data):
         assert ev.f1[c] == pytest.approx(2 * p * r / (p + r))
 
 
+def test_macro_averages_are_the_means_over_classes(checkpoint, data):
+    ckpt, held = load_checkpoint(checkpoint), data[1]
+    ev = evaluate(ckpt, held)
+    with torch.no_grad():
+        predicted = ckpt.model(ckpt.inputs.prepare(held.images)).argmax(1).numpy()
+    scores = []
+    for c in range(10):
+        hits = np.sum((held.labels == c) & (predicted == c))
+        p, r = hits / np.sum(predicted == c), hits / np.sum(held.labels == c)
+        scores.append((p, r, 2 * p * r / (p + r)))
+    want = dict(zip(("precision", "recall", "f1"), np.mean(scores, axis=0), strict=True))
+    assert ev.macro == pytest.approx(want, rel=1e-12)
+    assert ev.macro["recall"] != pytest.approx(ev.accuracy, abs=1e-4)  # not the micro average
+
+
+def _confusion(rows: list[list[int]]) -> Evaluation:
+    confusion = np.array(rows)
+    return Evaluation(float(np.trace(confusion) / confusion.sum()), 0.0, confusion, [])
+
+
+def test_macro_averages_count_the_classes_that_occur():
+    """As scikit-learn's average="macro": a class neither in the data nor predicted does not
+    count; one predicted but absent counts, with precision, recall and F1 of 0."""
+    absent = _confusion([[3, 1, 0], [1, 5, 0], [0, 0, 0]])
+    assert absent.macro == pytest.approx({"precision": (3 / 4 + 5 / 6) / 2,
+                                          "recall": (3 / 4 + 5 / 6) / 2,
+                                          "f1": (3 / 4 + 5 / 6) / 2})
+    predicted_only = _confusion([[3, 1, 0], [1, 4, 1], [0, 0, 0]])
+    p1, r1 = 4 / 5, 4 / 6
+    assert predicted_only.macro == pytest.approx({
+        "precision": (3 / 4 + p1 + 0) / 3, "recall": (3 / 4 + r1 + 0) / 3,
+        "f1": (3 / 4 + 2 * p1 * r1 / (p1 + r1) + 0) / 3})
+
+
 def test_worst_errors_are_the_most_confident_mistakes(checkpoint, data):
     ckpt, held = load_checkpoint(checkpoint), data[1]
     ev = evaluate(ckpt, held, worst=20)
@@ -153,6 +196,9 @@ def test_format_evaluation_shows_every_table(checkpoint, data):
     assert f"accuracy {ev.accuracy:.4f}" in text and "(2000 images)" in text
     for title in ("per class", "confusion matrix", "most confident errors"):
         assert title in text
+    macro = " ".join(f"{v:.4f}" for v in ev.macro.values())
+    assert " ".join(["macro avg", *macro.split(), "2000"]) in " ".join(text.replace("│", " ")
+                                                                       .split())
     m = ev.worst[0]
     assert f"{m.confidence:.1%}" in text and str(m.index) in text
     assert "\x1b[" not in text  # plain text, no terminal escape codes
@@ -171,8 +217,6 @@ def test_evaluate_a_checkpoint(checkpoint, mnist_dir, tmp_path):
 
 
 def test_evaluate_cli(checkpoint, mnist_dir, tmp_path):
-    from mnistlab.cli import app
-
     runner = CliRunner()
     ok = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(mnist_dir),
                              "--out", str(tmp_path)])
@@ -186,3 +230,49 @@ def test_evaluate_cli(checkpoint, mnist_dir, tmp_path):
         ml.evaluate(checkpoint, plots=tmp_path)
     nowhere = runner.invoke(app, ["evaluate", str(tmp_path / "nowhere")])
     assert nowhere.exit_code == 2 and "no such file or run directory" in nowhere.output
+
+
+def test_evaluate_json_says_what_the_text_says(checkpoint, mnist_dir, tmp_path):
+    args = ["evaluate", str(checkpoint), "--data", str(mnist_dir), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    scored = ml.evaluate(checkpoint, data=str(mnist_dir), plots=tmp_path)
+    ev = scored.evaluation
+    assert (record["model"], record["data"], record["note"]) == (scored.model, scored.data,
+                                                                 scored.note)
+    assert record["accuracy"] == ev.accuracy and record["loss"] == ev.loss
+    assert record["images"] == 10000 and np.array_equal(record["confusion"], ev.confusion)
+    assert record["macro_average"] == ev.macro
+    for i, row in enumerate(record["per_class"]):
+        assert (row["label"], row["index"]) == (str(i), i)
+        assert [row[k] for k in ("precision", "recall", "f1", "support")] == [
+            ev.precision[i], ev.recall[i], ev.f1[i], ev.support[i]]
+    assert record["per_seed"] == []  # a checkpoint is one model
+    worst = record["worst_errors"]
+    assert len(worst) == len(ev.worst) > 0
+    for shown, mistake in zip(worst, ev.worst, strict=True):
+        assert shown == {"image": mistake.index,
+                         "true": {"label": str(mistake.true), "index": mistake.true},
+                         "predicted": {"label": str(mistake.predicted),
+                                       "index": mistake.predicted},
+                         "confidence": mistake.confidence}
+    assert record["plots"] == [str(p) for p in scored.plots]
+    assert all(Path(p).is_file() for p in record["plots"])
+    text = CliRunner().invoke(app, args).stdout
+    assert f"accuracy {record['accuracy']:.4f}" in text and "macro avg" in text
+
+
+def test_evaluate_json_of_a_run_directory_gives_each_seed(idx_dir, tmp_path):
+    study = StudyConfig(name="two-seeds", runs=(RunConfig(name="small", hidden=(16,),
+                                                          dropout_after=()),),
+                        seeds=(0, 1), schedule=Schedule(epochs=1), device="cpu")
+    run = ml.study(study, data=str(idx_dir), out=tmp_path, progress=False, report=False).path
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert [s["seed"] for s in record["per_seed"]] == [0, 1]
+    accuracies = [s["accuracy"] for s in record["per_seed"]]
+    assert record["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert record["images"] == 2 * 20  # the confusion matrix is summed over the seeds
+    assert record["model"].startswith("small (seeds 0, 1: ")

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
+import mnistlab as ml
 from mnistlab.cli import app
 from mnistlab.config import RunConfig
 from mnistlab.data.csv import write_csv
@@ -22,9 +23,11 @@ from mnistlab.data.dataset import Dataset
 from mnistlab.data.idx import read_idx
 from mnistlab.errors import CheckpointError, DataError, MnistlabError
 from mnistlab.inference import (
+    CSV_COLUMNS,
     predict_command,
     predict_csv,
     predict_images,
+    predict_rows,
     preprocess_image,
 )
 from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
@@ -255,40 +258,51 @@ def test_top3_are_the_three_most_probable_classes(trained: Trained, tmp_path: Pa
         probs = torch.softmax(trained.ckpt.model(prepared), dim=1)[0]
     ranked = probs.argsort(descending=True)[:3].tolist()
     assert [c for c, _ in pred.top3] == [str(i) for i in ranked]
+    assert list(pred.top3_index) == ranked and pred.index == ranked[0]
     np.testing.assert_allclose([p for _, p in pred.top3], probs[ranked].numpy(), atol=1e-5)
     assert pred.label == str(ranked[0]) == str(trained.labels[0])
 
 
 def test_command_output_text_and_json(tiny: Path, files: dict[str, Path]) -> None:
+    """Predictions on stdout; each failed image's error apart (the CLI puts it on stderr)."""
     images = [files["a.png"], files["text.png"]]
-    text, code = predict_command(tiny, images, None, None, as_json=False)
-    first, second = text.splitlines()
-    assert code == 1
+    text, errors = predict_command(tiny, images, None, None, as_json=False)
+    (first,) = text.splitlines()
     assert first.startswith(f"{files['a.png']}: ") and first.count(".") >= 3
-    assert second.startswith(f"error: {files['text.png']}: ")
-    out, code = predict_command(tiny, images, None, None, as_json=True)
+    (error,) = errors
+    assert error.startswith(f"{files['text.png']}: ") and "not an image" in error
+    out, errors = predict_command(tiny, images, None, None, as_json=True)
     records = json.loads(out)
-    assert code == 1 and [r["path"] for r in records] == [str(p) for p in images]
-    assert records[0]["label"] == records[0]["top3"][0][0] and records[0]["error"] is None
-    probabilities = [p for _, p in records[0]["top3"]]
+    assert len(errors) == 1 and [r["path"] for r in records] == [str(p) for p in images]
+    top = records[0]["top3"]
+    assert records[0]["label"] == top[0]["label"] and records[0]["index"] == top[0]["index"]
+    assert records[0]["error"] is None
+    assert all(isinstance(t["label"], str) and isinstance(t["index"], int) for t in top)
+    assert [t["label"] for t in top] == [str(t["index"]) for t in top]  # digit classes
+    probabilities = [t["probability"] for t in top]
     assert probabilities == sorted(probabilities, reverse=True)
-    assert records[1]["label"] is None and "not an image" in records[1]["error"]
-    assert predict_command(tiny, [files["a.png"]], None, None, False)[1] == 0
+    assert records[1]["label"] is None and records[1]["index"] is None
+    assert records[1]["error"] == error
+    assert predict_command(tiny, [files["a.png"]], None, None, False)[1] == []
 
 
 @pytest.mark.parametrize(
-    ("images", "csv_path", "submission", "match"),
+    ("images", "csv_path", "submission", "as_json", "out", "match"),
     [
-        ([], None, None, "not both, not neither"),
-        ([Path("a.png")], Path("t.csv"), Path("s.csv"), "not both, not neither"),
-        ([], Path("t.csv"), None, "go together"),
+        ([], None, None, False, None, "not both, not neither"),
+        ([Path("a.png")], Path("t.csv"), Path("s.csv"), False, None, "not both, not neither"),
+        ([Path("a.png")], None, Path("s.csv"), False, None, "--submission writes --csv's"),
+        ([], Path("t.csv"), Path("s.csv"), True, None, "different outputs"),
+        ([], Path("t.csv"), Path("s.csv"), False, Path("p.csv"), "different outputs"),
+        ([Path("a.png")], None, None, True, Path("p.csv"), "different outputs"),
     ],
 )
 def test_command_argument_mistakes(
-    tiny: Path, images: list[Path], csv_path: Path | None, submission: Path | None, match: str
+    tiny: Path, images: list[Path], csv_path: Path | None, submission: Path | None,
+    as_json: bool, out: Path | None, match: str
 ) -> None:
     with pytest.raises(MnistlabError, match=match):
-        predict_command(tiny, images, csv_path, submission, False)
+        predict_command(tiny, images, csv_path, submission, as_json, out)
 
 
 # --- CSV → Kaggle submission ------------------------------------------------------------------
@@ -422,12 +436,19 @@ def test_checkpoint_errors_name_the_problem(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_cli_predict_exit_codes(tiny: Path, files: dict[str, Path], tmp_path: Path) -> None:
+    """A file that fails is a user error like any other: its one `error:` line on stderr and
+    exit code 2 (it was 1, against the README); the readable files are still predicted."""
     runner = CliRunner()
     ok = runner.invoke(app, ["predict", str(tiny), str(files["a.png"]), "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)[0]["path"] == str(files["a.png"])
-    partly = runner.invoke(app, ["predict", str(tiny), str(files["a.png"]), str(files["text.png"])])
-    assert partly.exit_code == 1 and f"error: {files['text.png']}" in partly.stdout
+    partly = runner.invoke(app, ["predict", str(tiny), str(files["a.png"]), str(files["text.png"]),
+                                 str(files["missing.png"])])
+    assert partly.exit_code == 2
+    assert partly.stdout.startswith(f"{files['a.png']}: ") and "error" not in partly.stdout
+    lines = partly.stderr.splitlines()
+    assert [line.split(": ")[:2] for line in lines] == [
+        ["error", str(files["text.png"])], ["error", str(files["missing.png"])]]
     wrong = runner.invoke(app, ["predict", str(files["a.png"]), str(files["a.png"])])
     assert wrong.exit_code == 2 and wrong.stderr.startswith(f"error: {files['a.png']}: ")
 
@@ -440,3 +461,191 @@ def test_cli_predict_csv(tiny: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "wrote 5 predictions" in result.stdout
     assert len(_read_submission(submission)) == 6
+
+
+# --- folders, patterns, CSV predictions ---------------------------------------------------------
+
+
+@pytest.fixture
+def digit_folder(trained: Trained, tmp_path: Path) -> Path:
+    """Twelve real held-out MNIST digits as PNG/JPEG/BMP files, named in scrambled order, beside
+    a text file, a subfolder with one more digit and a hidden non-image file."""
+    folder = tmp_path / "digits"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["k", "b", "j", "a", "l", "c", "i", "d", "h", "e", "g", "f"]):
+        suffix = (".png", ".JPG", ".bmp")[i % 3]
+        Image.fromarray(trained.images[i]).save(folder / f"{name}{suffix}", quality=95)
+    Image.fromarray(trained.images[12]).save(folder / "sub" / "m.png")
+    (folder / "notes.txt").write_text("not a digit\n")
+    (folder / ".DS_Store").write_bytes(b"\0\1")
+    return folder
+
+
+def _expected(trained: Trained, folder: Path) -> dict[str, str]:
+    """What the model says for each image file of `folder`, from the files' own pixels."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
+    images = []
+    for file in files:
+        with Image.open(file) as image:
+            images.append(preprocess_image(np.asarray(image)))
+    return dict(zip(map(str, files), map(str, _argmax(trained.ckpt, np.stack(images))),
+                    strict=True))
+
+
+def test_a_folder_stands_for_its_image_files_sorted(trained: Trained, digit_folder: Path) -> None:
+    expected = _expected(trained, digit_folder)
+    assert len(expected) == 12
+    preds = ml.predict(trained.path, digit_folder)  # the API takes a folder too
+    assert [p.path for p in preds] == sorted(expected)  # not the text, not the subfolder
+    assert {p.path: p.label for p in preds} == expected
+    assert all(p.error is None for p in preds)
+    assert str(digit_folder / "b.JPG") in expected  # a suffix is matched whatever its case
+    # The digits are real: the model gets (nearly) all of them right.
+    right = sum(p.label == str(trained.labels["kbjalcidhegf".index(Path(p.path).stem)])
+                for p in preds)
+    assert right >= 10
+
+
+def test_patterns_are_expanded_when_the_shell_did_not(
+    trained: Trained, digit_folder: Path
+) -> None:
+    expected = _expected(trained, digit_folder)
+    pngs = sorted(k for k in expected if k.endswith(".png"))
+    preds = predict_images(trained.ckpt, [str(digit_folder / "*.png")])
+    assert [p.path for p in preds] == pngs
+    nested = predict_images(trained.ckpt, [str(digit_folder / "**" / "m.png")])
+    assert [p.path for p in nested] == [str(digit_folder / "sub" / "m.png")]
+    assert nested[0].label == str(_argmax(trained.ckpt, trained.images[12:13])[0])
+    # A folder matched by a pattern is read as a folder, as if the shell had expanded it.
+    assert [p.path for p in predict_images(trained.ckpt, [str(digit_folder.parent / "dig*")])] \
+        == sorted(expected)
+
+
+def test_a_path_that_exists_is_never_read_as_a_pattern(trained: Trained, tmp_path: Path) -> None:
+    literal = tmp_path / "seven[1].png"
+    Image.fromarray(trained.images[0]).save(literal)
+    Image.fromarray(trained.images[1]).save(tmp_path / "seven1.png")  # what [1] would match
+    (pred,) = predict_images(trained.ckpt, [literal])
+    assert pred.path == str(literal) and pred.error is None
+
+
+def test_names_that_match_nothing_get_their_own_error(
+    trained: Trained, digit_folder: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here\n")
+    items = [str(digit_folder / "*.gif"), empty, digit_folder / "a.png"]
+    nothing, folder, good = predict_images(trained.ckpt, items)
+    pattern = digit_folder / "*.gif"
+    assert nothing.error == f"{pattern}: no file matches this pattern; check the path"
+    assert folder.error.startswith(f"{empty}: a folder without image files (.png, ")
+    assert good.error is None and good.label is not None
+
+
+def test_cli_predict_on_a_folder_and_a_quoted_pattern(
+    trained: Trained, digit_folder: Path
+) -> None:
+    expected = _expected(trained, digit_folder)
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", str(trained.path), str(digit_folder)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == sorted(expected)
+    assert [line.split(": ")[1].split()[0] for line in lines] == [expected[k] for k in
+                                                                  sorted(expected)]
+    quoted = runner.invoke(app, ["predict", str(trained.path), str(digit_folder / "*.bmp"),
+                                 "--json"])
+    assert quoted.exit_code == 0, quoted.output
+    records = json.loads(quoted.stdout)
+    assert {r["path"]: r["label"] for r in records} == {
+        k: v for k, v in expected.items() if k.endswith(".bmp")}
+
+
+def test_json_names_each_class_and_gives_its_index(trained: Trained, tmp_path: Path) -> None:
+    """With classes named as words, the label is the word and the index the number."""
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    ckpt = Checkpoint(trained.ckpt.model, trained.ckpt.config, InputSpec(classes=words), seed=0)
+    path = tmp_path / "words.safetensors"
+    save_checkpoint(path, ckpt)
+    digit = tmp_path / "digit.png"
+    Image.fromarray(trained.images[0]).save(digit)
+    result = CliRunner().invoke(app, ["predict", str(path), str(digit), "--json"])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    answer = int(trained.labels[0])
+    assert (record["label"], record["index"]) == (words[answer], answer)
+    assert [(t["label"], t["index"]) for t in record["top3"]] == [
+        (words[i], i) for i in (t["index"] for t in record["top3"])]
+    assert len(record["top3"]) == 3 and record["error"] is None
+
+
+@pytest.fixture
+def test_csv(trained: Trained, tmp_path: Path) -> Path:
+    """The 2,000 held-out real digits as a Kaggle test.csv (no labels)."""
+    path = tmp_path / "test.csv"
+    write_csv(path, Dataset(trained.images, None), "kaggle")
+    return path
+
+
+def test_csv_without_submission_prints_the_predictions(trained: Trained, test_csv: Path) -> None:
+    expected = _argmax(trained.ckpt, trained.images)
+    runner = CliRunner()
+    text = runner.invoke(app, ["predict", str(trained.path), "--csv", str(test_csv)])
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert len(lines) == len(trained.images)
+    assert lines[0].startswith(f"{test_csv}[0]: {expected[0]}  ({expected[0]} ")
+    assert [int(line.split(": ")[1].split()[0]) for line in lines] == expected.tolist()
+    as_json = runner.invoke(app, ["predict", str(trained.path), "--csv", str(test_csv), "--json"])
+    records = json.loads(as_json.stdout)
+    assert [r["index"] for r in records] == expected.tolist()
+    assert [r["label"] for r in records] == [str(c) for c in expected]
+    assert records[-1]["path"] == f"{test_csv}[{len(trained.images) - 1}]"
+    assert (expected == trained.labels).mean() > 0.9
+
+
+def test_csv_predictions_written_with_out(trained: Trained, test_csv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "preds" / "preds.csv"
+    result = CliRunner().invoke(app, ["predict", str(trained.path), "--csv", str(test_csv),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote {len(trained.images)} predictions to {out}"
+    header, *rows = _read_submission(out)
+    assert tuple(header) == CSV_COLUMNS
+    direct = predict_rows(trained.ckpt, test_csv)
+    assert len(rows) == len(direct) == len(trained.images)
+    for row, pred in zip(rows, direct, strict=True):
+        assert row[0] == pred.path and row[1] == pred.label and int(row[2]) == pred.index
+        assert [row[1], row[4], row[7]] == [c for c, _ in pred.top3]
+        assert [int(row[i]) for i in (2, 5, 8)] == list(pred.top3_index)
+        assert [float(row[i]) for i in (3, 6, 9)] == [p for _, p in pred.top3]
+        assert row[10] == ""
+    assert [p.name for p in out.parent.iterdir()] == ["preds.csv"]  # no temp files
+
+
+def test_out_csv_keeps_errors_and_is_formula_safe(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cells starting with = + - @ would be formulas in a spreadsheet: they are written inert,
+    with a leading apostrophe, like the submission's."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(trained.images[0]).save("=HYPERLINK(1).png")
+    Path("+broken.png").write_text("not an image\n")
+    result = CliRunner().invoke(app, ["predict", str(trained.path), "=HYPERLINK(1).png",
+                                      "+broken.png", "--out", "preds.csv"])
+    assert result.exit_code == 2
+    assert result.stdout.strip() == "wrote 1 predictions and 1 errors to preds.csv"
+    assert result.stderr.startswith("error: +broken.png: not an image file")
+    _, good, bad = _read_submission(tmp_path / "preds.csv")
+    assert good[:2] == ["'=HYPERLINK(1).png", str(trained.labels[0])]
+    assert bad[:10] == ["'+broken.png", *[""] * 9]
+    assert bad[10].startswith("'+broken.png: not an image file")
+
+
+def test_out_into_a_folder_is_refused(tiny: Path, files: dict[str, Path], tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["predict", str(tiny), str(files["a.png"]), "--out",
+                                      str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: {tmp_path}: is a directory; pass a file like "
+                                     "preds.csv")

@@ -178,6 +178,27 @@ class Scored:
     per_seed: dict[int, float]  # test accuracy of each seed
     plots: list[Path]
 
+    def record(self) -> dict[str, Any]:
+        """The JSON form (`mnistlab evaluate --json`): what the text shows, with each class as
+        named (a string) and its index (an int); the worst errors without their images;
+        `confusion[i][j]` counts true class i predicted as j."""
+        ev = self.evaluation
+        named = lambda i: {"label": self.classes[i], "index": int(i)}  # noqa: E731
+        scores = zip(ev.precision, ev.recall, ev.f1, ev.support, strict=True)
+        return {
+            "model": self.model, "data": self.data, "note": self.note,
+            "accuracy": ev.accuracy, "loss": ev.loss, "images": int(ev.support.sum()),
+            "per_class": [{**named(i), "precision": float(p), "recall": float(r), "f1": float(f),
+                           "support": int(n)} for i, (p, r, f, n) in enumerate(scores)],
+            "macro_average": ev.macro,
+            "confusion": ev.confusion.tolist(),
+            "per_seed": [{"seed": s, "accuracy": a} for s, a in self.per_seed.items()],
+            "worst_errors": [{"image": m.index, "true": named(m.true),
+                              "predicted": named(m.predicted), "confidence": m.confidence}
+                             for m in ev.worst],
+            "plots": [str(path) for path in self.plots],
+        }
+
 
 def evaluate(target: str | Path, *, data: Data | None = None, run: str | None = None,
              seed: int | None = None, plots: str | Path | None = None) -> Scored:
@@ -255,10 +276,11 @@ def _answers(paths: Mapping[int, Path],
 
 
 def predict(model: str | Path | Checkpoint, images: Any) -> list[ImagePrediction]:
-    """Classes and top-3 probabilities for images: file paths, PIL images, uint8 arrays of the
-    model's input shape (already in MNIST form: light digit on black) or of any picture, or a
-    list of them; an (N, H, W) array is N images. A file that cannot be read gets its error in
-    its result; the others go on."""
+    """Classes and top-3 probabilities for images: file paths, folders (every image file in
+    them, sorted), glob patterns (`"scans/*.png"`), PIL images, uint8 arrays of the model's input
+    shape (already in MNIST form: light digit on black) or of any picture, or a list of them; an
+    (N, H, W) array is N images. A file that cannot be read gets its error in its result; the
+    others go on."""
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[2] not in (3, 4):
         images = list(images)

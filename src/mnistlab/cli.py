@@ -1,7 +1,9 @@
 """The `mnistlab` command. Thin: parse, call the Python API (mnistlab.api), print.
 
 A user mistake (MnistlabError) is one `error: ...` line on stderr and exit code 2,
-never a traceback.
+never a traceback. Help is plain Click text (rich_markup_mode=None): it renders exactly as
+written, so `[grid]` stays `[grid]` (Rich would read it as a style tag and drop it), and
+`--help` needs no Rich import.
 """
 
 from __future__ import annotations
@@ -10,22 +12,58 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from mnistlab.errors import MnistlabError
 
+if TYPE_CHECKING:
+    from mnistlab.api import Scored
+
+
+def examples(*lines: str) -> str:
+    """A command's "Examples:" block (its help's epilog); the \\b line tells Click to keep the
+    line breaks, where it rewraps every other paragraph."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+PLAIN = {"rich_markup_mode": None, "context_settings": {"help_option_names": ["-h", "--help"]}}
 app = typer.Typer(
     help="Run, compare and trust small-network experiments on MNIST-format image data.",
+    epilog=examples("mnistlab study", "mnistlab study --data fashion-mnist --seeds 5",
+                    "mnistlab train --lr 0.001 --dropout 0.2 --layernorm",
+                    "mnistlab evaluate runs/seed-study-20250101-120000"),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    **PLAIN,
 )
-data_app = typer.Typer(help="Download, verify and check data sources.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Download, verify and check data sources.",
+    epilog=examples("mnistlab data fetch mnist", "mnistlab data check path/to/train.csv"),
+    no_args_is_help=True,
+    **PLAIN,
+)
 app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mnistlab._version import __version__
+
+        typer.echo(f"mnistlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print mnistlab's version and exit.")] = False,
+) -> None:
+    """The options of `mnistlab` itself, before any command."""
 
 
 def user_errors(func: F) -> F:
@@ -72,7 +110,12 @@ ResumeOpt = Annotated[
     Path | None,
     typer.Option(help="Finish an interrupted run directory; ends with the same numbers."),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print no progress.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print no progress, only the results.")
+]
+VERBOSE = ("Also print, per configuration, a Keras-style line at the end of each epoch (loss, "
+           "acc, val_loss, val_acc) and the log line every log_every iterations.")
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE)]
 
 
 def _progress(verbose: bool, quiet: bool) -> Any:
@@ -88,11 +131,18 @@ def _finished(results: Any) -> None:
     typer.echo(f"results: {results.path}  report: {results.report_path}")
 
 
-@app.command()
+@app.command(epilog=examples(
+    "mnistlab study",
+    "mnistlab study --data fashion-mnist --seeds 5 --epochs 20",
+    "mnistlab study --config study.toml --device cuda -q",
+    "mnistlab study --resume runs/seed-study-20250101-120000",
+))
 @user_errors
 def study(
     config: Annotated[
-        Path | None, typer.Option(help="A study TOML (runs, seeds, schedule, data).")
+        Path | None, typer.Option(help="A study TOML: name, data, seeds (a count or a list), "
+                                  "runs (preset names or tables of RunConfig fields) and a "
+                                  "[schedule] table.")
     ] = None,
     data: DataOpt = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per configuration (default 3).")] = None,
@@ -100,23 +150,31 @@ def study(
     device: DeviceOpt = None,
     out: OutOpt = Path("runs"),
     resume: ResumeOpt = None,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Print the log line every log_every steps.")
-    ] = False,
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the seed study (five configurations × seeds) or --config's: curves, stats, report."""
+    """Run the seed study, or the configurations of a study TOML.
+
+    Every configuration (the seed study's five, or --config's) trains with each seed, all at
+    once; then curves, statistics and report.html land in a run directory.
+    """
     import mnistlab as ml
 
     _finished(ml.study(config, data=data, seeds=seeds, epochs=epochs, device=device, out=out,
                        resume=resume, progress=_progress(verbose, quiet)))
 
 
-@app.command()
+@app.command(epilog=examples(
+    "mnistlab train --lr 0.001 --dropout 0.2 --layernorm",
+    "mnistlab train --hidden 300,300 --activation gelu --epochs 20 --seed 1",
+    "mnistlab train --config run.toml --lr 0.0005 --no-verbose",
+    "mnistlab train --lr 0.003 --lr-schedule onecycle --label-smoothing 0.1 --translate 2",
+))
 @user_errors
 def train(
     config: Annotated[
-        Path | None, typer.Option(help="A run TOML: RunConfig fields and a schedule table.")
+        Path | None, typer.Option(help="A run TOML: RunConfig fields (lr, dropout, layernorm, "
+                                  "hidden, ...), seed, data and a [schedule] table.")
     ] = None,
     name: Annotated[
         str | None, typer.Option(help="Name of the run (default: what it changes).")
@@ -143,6 +201,37 @@ def train(
     input_norm: Annotated[
         str | None, typer.Option(help="scale (to 0..1) or standardize.")
     ] = None,
+    lr_schedule: Annotated[
+        str | None, typer.Option(help="constant, cosine (to 0) or onecycle (OneCycleLR, --lr "
+                                 "its peak).")
+    ] = None,
+    warmup: Annotated[
+        float | None, typer.Option(help="Fraction of the steps spent warming up (onecycle: its "
+                                   "rise, pct_start).")
+    ] = None,
+    decoupled_decay: Annotated[
+        float | None, typer.Option(help="Decoupled weight decay (torch.optim.AdamW's).")
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option(help="Label smoothing of the loss, e.g. 0.1.")
+    ] = None,
+    translate: Annotated[
+        int | None, typer.Option(help="Augment: shift each image by up to this many pixels.")
+    ] = None,
+    rotate: Annotated[
+        float | None, typer.Option(help="Augment: rotate each image by up to this many degrees.")
+    ] = None,
+    zoom: Annotated[
+        float | None, typer.Option(help="Augment: zoom each image by a factor in 1 +- zoom.")
+    ] = None,
+    restore_best: Annotated[
+        bool | None, typer.Option("--restore-best/--last-weights", help="End with the weights of "
+                                  "the best validation record.")
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Stop after this many records without a better "
+                                 "validation accuracy (0: never).")
+    ] = None,
     batch_size: int | None = None,
     epochs: EpochsOpt = None,
     record_every: int | None = None,
@@ -160,13 +249,15 @@ def train(
     out: OutOpt = Path("runs"),
     resume: ResumeOpt = None,
     verbose: Annotated[
-        bool, typer.Option("--verbose/--no-verbose", "-v", help="Print the log line every "
-                           "log_every steps.")
+        bool, typer.Option("--verbose/--no-verbose", "-v", help=f"{VERBOSE} On by default.")
     ] = True,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train one configuration with one seed; results land in a run directory. Options given
-    here override --config's values."""
+    """Train one configuration with one seed.
+
+    The results land in a run directory, as a study's do. Options given here override
+    --config's values.
+    """
     import mnistlab as ml
 
     betas = None
@@ -179,7 +270,10 @@ def train(
         "name": name, "lr": lr, "dropout": dropout, "layernorm": layernorm,
         "hidden": _ints(hidden, "--hidden"), "activation": activation,
         "dropout_after": _ints(dropout_after, "--dropout-after"), "betas": betas, "eps": eps,
-        "weight_decay": weight_decay, "input_norm": input_norm, "batch_size": batch_size,
+        "weight_decay": weight_decay, "input_norm": input_norm, "lr_schedule": lr_schedule,
+        "warmup": warmup, "decoupled_decay": decoupled_decay, "label_smoothing": label_smoothing,
+        "translate": translate, "rotate": rotate, "zoom": zoom, "restore_best": restore_best,
+        "patience": patience, "batch_size": batch_size,
         "epochs": epochs, "record_every": record_every, "log_every": log_every,
         "drop_last": drop_last, "val_fraction": val_fraction, "device": device,
     }
@@ -199,43 +293,61 @@ def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
         ) from None
 
 
-@data_app.command("fetch")
+@data_app.command("fetch", epilog=examples(
+    "mnistlab data fetch mnist", "mnistlab data fetch fashion-mnist --dest data/ -q"))
 @user_errors
 def data_fetch(
     name: Annotated[str, typer.Argument(help="mnist or fashion-mnist.")],
     dest: Annotated[
         Path | None, typer.Option(help="Folder to download into (default: the cache).")
     ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show no download bars.")] = False,
 ) -> None:
-    """Download a named dataset, verify its checksums, and say where it is."""
+    """Download a named dataset and verify its checksums.
+
+    Files already there and verified are kept; prints the folder that holds them.
+    """
     from mnistlab.data.sources import fetch
 
-    typer.echo(f"{name}: verified in {fetch(name, dest)}")
+    typer.echo(f"{name}: verified in {fetch(name, dest, progress=not quiet)}")
 
 
-@data_app.command("check")
+@data_app.command("check", epilog=examples(
+    "mnistlab data check mnist", "mnistlab data check path/to/train.csv",
+    "mnistlab data check path/to/mnist/"))
 @user_errors
 def data_check(
     source: Annotated[str, typer.Argument(help="A dataset name or a path: IDX folder, CSV, NPZ.")],
 ) -> None:
-    """Validate a data source and print its summary (rows, classes, pixel range, nulls)."""
+    """Validate a data source and print its summary.
+
+    Rows, classes, pixel range and nulls; or the first problem, with its file and place (line
+    and column, or byte offset).
+    """
     from mnistlab.data import describe, load
 
     typer.echo(describe(load(source, download=False)))
 
 
-@app.command()
+@app.command(epilog=examples("mnistlab report runs/seed-study-20250101-120000"))
 @user_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by study/train/sweep.")],
 ) -> None:
-    """Re-render plots, TensorBoard files and report.html from a run directory alone."""
+    """Re-render a run directory's plots and report.html.
+
+    Also its TensorBoard files; from the run directory's own files, with no data set or network.
+    """
     import mnistlab as ml
 
     typer.echo(f"report: {ml.render(run_dir)}")
 
 
-@app.command()
+@app.command(epilog=examples(
+    "mnistlab evaluate runs/seed-study-20250101-120000",
+    "mnistlab evaluate runs/seed-study-20250101-120000 --run baseline --seed 1 --json",
+    "mnistlab evaluate model.safetensors --data fashion-mnist --out plots/",
+))
 @user_errors
 def evaluate(
     target: Annotated[Path, typer.Argument(help="A run directory or a .safetensors checkpoint.")],
@@ -249,17 +361,33 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option(help="Folder for the confusion/misclassified PNGs.")
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead: model, data, "
+                           "accuracy, loss, per-class precision/recall/F1/support and their "
+                           "macro averages, confusion matrix, per-seed accuracies, worst errors "
+                           "(without images), plots written.")
+    ] = False,
 ) -> None:
-    """Test accuracy, per-class precision/recall, confusion matrix, worst errors.
+    """Test accuracy, per-class scores, confusion matrix, worst errors.
 
-    A run directory's winner (chosen on validation) over all its seeds, or one model with
+    Per class: precision, recall, F1 and support, with their macro averages. A run
+    directory's winner (chosen on validation) over all its seeds, or one model with
     --run/--seed, from its stored test predictions (no data needed); with --data, its
-    checkpoints are scored on that source instead.
+    checkpoints are scored on that source instead. A checkpoint file needs --data.
     """
+    import json
+
     import mnistlab as ml
-    from mnistlab.report.table import format_evaluation
 
     scored = ml.evaluate(target, data=data, run=run, seed=seed, plots=out)
+    typer.echo(json.dumps(scored.record(), indent=2) if as_json else _evaluation_text(scored))
+
+
+def _evaluation_text(scored: Scored) -> str:
+    """What `evaluate` prints: the model and data, the note, the per-seed accuracies, the
+    tables, the plots written."""
+    from mnistlab.report.table import format_evaluation
+
     lines = [f"model: {scored.model}", f"data: {scored.data}"]
     lines += [scored.note] if scored.note else []
     if len(scored.per_seed) > 1:
@@ -268,51 +396,90 @@ def evaluate(
                   "summed over them, the errors are the shown seed's"]
     lines += [format_evaluation(scored.evaluation, scored.classes)]
     lines += [f"wrote {p}" for p in scored.plots]
-    typer.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
-@app.command()
+@app.command(epilog=examples(
+    "mnistlab predict model.safetensors digit.png scan.jpg",
+    "mnistlab predict model.safetensors digits/ --json",
+    "mnistlab predict model.safetensors 'scans/*.png' --out preds.csv",
+    "mnistlab predict model.safetensors --csv test.csv",
+    "mnistlab predict model.safetensors --csv test.csv --submission submission.csv",
+))
 @user_errors
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A .safetensors model checkpoint.")],
-    images: Annotated[list[Path] | None, typer.Argument(help="PNG/JPEG/BMP files.")] = None,
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A .safetensors model checkpoint, e.g. RUN_DIR/checkpoints/baseline-seed0"
+             ".safetensors.")],
+    images: Annotated[list[Path] | None, typer.Argument(
+        metavar="IMAGES",
+        help="Image files (PNG, JPEG, BMP, ...), folders (every image file in them, sorted) or "
+             "glob patterns such as 'scans/*.png' (expanded here too, for shells that do not)."
+    )] = None,
     csv: Annotated[
-        Path | None, typer.Option(help="A CSV of images (any layout mnistlab reads).")
+        Path | None, typer.Option(help="A CSV of images (any layout mnistlab reads) instead of "
+                                  "files; its rows are named test.csv[0], test.csv[1], ...")
     ] = None,
     submission: Annotated[
-        Path | None, typer.Option(help="Write a Kaggle ImageId,Label CSV.")
+        Path | None, typer.Option(help="With --csv: write a Kaggle ImageId,Label CSV instead.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the predictions to this CSV instead of printing "
+                                  "them: path, then label, index and probability of the top "
+                                  "3, then error.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON: per image its path, label (the class as "
+                           "named, a string), index (an int), top3 (label, index, probability) "
+                           "and error.")
+    ] = False,
 ) -> None:
-    """Predict digits in image files, or a whole CSV into a Kaggle submission."""
+    """Predict the class of images, or of a CSV's rows.
+
+    Prints one line per image: its class and the top 3 with probabilities. An image that
+    cannot be read gets an error line on stderr, the others go on; the exit code is then 2.
+    """
     from mnistlab.inference import predict_command
 
-    text, code = predict_command(checkpoint, list(images or []), csv, submission, as_json)
-    typer.echo(text)
-    if code:
-        raise typer.Exit(code)
+    text, errors = predict_command(checkpoint, images or [], csv, submission, as_json, out)
+    if text:
+        typer.echo(text)
+    for error in errors:
+        typer.echo(f"error: {error}", err=True)
+    if errors:
+        raise typer.Exit(MnistlabError.exit_code)
 
 
-@app.command()
+@app.command(epilog=examples("mnistlab export model.safetensors --onnx model.onnx"))
 @user_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A .safetensors model checkpoint.")],
     onnx: Annotated[Path, typer.Option(help="Where to write the ONNX model.")],
 ) -> None:
-    """Export a model to ONNX (dynamic batch), verified against PyTorch with onnxruntime."""
+    """Export a model to ONNX, verified against PyTorch.
+
+    The batch size is dynamic; onnxruntime's outputs are checked against PyTorch's.
+    """
     from mnistlab.export import export_command
 
     typer.echo(export_command(checkpoint, onnx))
 
 
-@app.command()
+@app.command(epilog=examples(
+    "mnistlab sweep --grid sweep.toml",
+    "mnistlab sweep --grid sweep.toml --random 20 --halving",
+    "mnistlab sweep --grid sweep.toml --seeds 5 --ray-address auto",
+))
 @user_errors
 def sweep(
     grid: Annotated[
-        Path | None, typer.Option(help="A sweep TOML: a base table, grid and random tables.")
+        Path | None, typer.Option(help="A sweep TOML: name, data, seeds, base (a preset name or "
+                                  "a table of RunConfig fields), [schedule], [grid] lists and "
+                                  "[random] ranges (format: README).")
     ] = None,
     random: Annotated[
-        int | None, typer.Option("--random", help="Sample N configurations from [random] ranges.")
+        int | None, typer.Option("--random", help="Sample N configurations from the [random] "
+                                 "ranges (and [grid] lists) instead of the whole grid.")
     ] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per configuration.")] = None,
     stack_size: Annotated[
@@ -329,12 +496,14 @@ def sweep(
     device: DeviceOpt = None,
     out: OutOpt = Path("runs"),
     resume: ResumeOpt = None,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Print the log line every log_every steps.")
-    ] = False,
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Sweep a grid or random sample of configurations × seeds, here or on a Ray cluster."""
+    """Sweep a grid or a random sample of configurations × seeds.
+
+    In this process, or on a Ray cluster with --ray-address. The sweep TOML's format is in the
+    README ("Sweeps").
+    """
     import mnistlab as ml
     from mnistlab.report.sweep import top_text
 

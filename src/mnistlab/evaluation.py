@@ -147,6 +147,14 @@ class Evaluation:
         p, r = self.precision, self.recall
         return _ratio(2 * p * r, p + r)
 
+    @property
+    def macro(self) -> dict[str, float]:
+        """Precision, recall and F1 averaged over the classes that occur (as true or as
+        predicted class), each counting once however rare it is: scikit-learn's "macro"."""
+        seen = (self.support > 0) | (self.confusion.sum(axis=0) > 0)
+        scores = {"precision": self.precision, "recall": self.recall, "f1": self.f1}
+        return {k: float(v[seen].mean()) if seen.any() else math.nan for k, v in scores.items()}
+
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)

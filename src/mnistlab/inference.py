@@ -1,4 +1,5 @@
-"""Use a trained model: digits in image files, Kaggle test CSVs, one command for the CLI.
+"""Use a trained model: digits in image files, folders and glob patterns, test CSVs, Kaggle
+submissions, and one command for the CLI.
 
 Photos and scans of digits look nothing like MNIST until they are prepared the way MNIST was made
 (LeCun et al.): light ink on a dark background, the digit scaled to fit a 20×20 box keeping its
@@ -9,11 +10,13 @@ exactly that, so a model trained on MNIST sees the same kind of input it learned
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,16 +31,38 @@ DIGIT_BOX = 20 / 28  # MNIST fits each digit into 20×20 of the 28×28 field
 MIN_CONTRAST = 32.0  # ink must differ from the background by this much (0..255) to count
 NOISE = 0.15  # after stretching the ink to 0..1, fainter pixels do not extend the bounding box
 BATCH = 4096  # rows per forward pass in CSV inference: bounded memory for any file size
+# What a folder's files must end with (any case) to be read as images; the rest are skipped.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
+                  ".ppm", ".pbm")
+CSV_COLUMNS = ("path", "label", "index", "probability", "label2", "index2", "probability2",
+               "label3", "index3", "probability3", "error")
 
 
 @dataclass(frozen=True)
 class ImagePrediction:
-    """One file's result: the predicted class and the top-3 (class, probability), or an error."""
+    """One image's result, or its error.
+
+    `label` is the predicted class as the model names it (for Fashion-MNIST "Sneaker", not 7),
+    `index` its position among the model's classes; `top3` the three most probable
+    (class, probability), most probable first, and `top3_index` their positions.
+    """
 
     path: str
     label: str | None = None
     top3: tuple[tuple[str, float], ...] = ()
+    top3_index: tuple[int, ...] = ()
     error: str | None = None
+
+    @property
+    def index(self) -> int | None:
+        return self.top3_index[0] if self.top3_index else None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form: every class as named (a string) together with its index (an int)."""
+        top3 = [{"label": label, "index": index, "probability": probability}
+                for (label, probability), index in zip(self.top3, self.top3_index, strict=True)]
+        return {"path": self.path, "label": self.label, "index": self.index, "top3": top3,
+                "error": self.error}
 
 
 def preprocess_image(
@@ -132,13 +157,17 @@ def _probabilities(ckpt: Checkpoint, images: np.ndarray) -> torch.Tensor:
 
 
 def _load_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    if path.is_dir():  # image_files keeps a folder only when it holds no image
+        raise MnistlabError(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)})"
+                            "; pass image files or a folder of them")
     try:
         with Image.open(path) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
             return preprocess_image(upright, shape)
     except FileNotFoundError:
-        raise MnistlabError(f"{path}: no such file; check the path") from None
+        missing = "no file matches this pattern" if _is_pattern(str(path)) else "no such file"
+        raise MnistlabError(f"{path}: {missing}; check the path") from None
     except UnidentifiedImageError:
         raise MnistlabError(f"{path}: not an image file; pass a PNG, JPEG or BMP") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -158,40 +187,79 @@ def _prepared(item: str | Path | Image.Image | np.ndarray, shape: tuple[int, int
     return preprocess_image(item, shape)
 
 
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def image_files(item: str | Path) -> list[Path]:
+    """The image files an argument names: a folder's image files (IMAGE_SUFFIXES, sorted, not
+    recursive), a glob pattern's matches (sorted; `**` spans folders), else the path itself.
+
+    Patterns are expanded here for shells that do not (quoted, or Windows'); a path that
+    exists is never read as a pattern. An argument naming no image is kept as it is, so that
+    its result says why (no such file, no match, a folder without images).
+    """
+    path = Path(item)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [p for p in found if p.is_file()] or [path]
+    if not path.exists() and _is_pattern(str(item)):
+        matches = sorted(glob.glob(str(item), recursive=True))
+        return [file for match in matches for file in image_files(match)] or [path]
+    return [path]
+
+
+def _named(images: Sequence[Any]) -> list[tuple[str, Any]]:
+    """(name, image) for every image, with paths expanded by `image_files`; an in-memory
+    image is named `[i]` after its position in `images`."""
+    named: list[tuple[str, Any]] = []
+    for i, item in enumerate(images):
+        if isinstance(item, str | Path):
+            named += [(str(path), path) for path in image_files(item)]
+        else:
+            named.append((f"[{i}]", item))
+    return named
+
+
+def _ranked(ckpt: Checkpoint, images: np.ndarray, names: Sequence[str]) -> list[ImagePrediction]:
+    """The class and the top 3 of each prepared uint8 (N, H, W) image."""
+    probs = _probabilities(ckpt, images)
+    top = torch.topk(probs, k=min(3, probs.shape[1]), dim=1)
+    classes = ckpt.inputs.classes
+    results = []
+    for name, index, values in zip(names, top.indices.tolist(), top.values.tolist(), strict=True):
+        top3 = tuple((classes[c], round(p, 6)) for c, p in zip(index, values, strict=True))
+        results.append(ImagePrediction(name, top3[0][0], top3, tuple(index)))
+    return results
+
+
 def predict_images(
     ckpt: Checkpoint, images: Sequence[str | Path | Image.Image | np.ndarray]
 ) -> list[ImagePrediction]:
-    """Predict every readable image; a file that fails gets its one-line error, the rest go on.
+    """Predict every readable image; one that fails gets its one-line error, the rest go on.
 
-    A result's `path` is the file's path, or `[i]` for an in-memory image.
+    A path may be a file, a folder (its image files) or a glob pattern (its matches): see
+    `image_files`. A result's `path` is the file's path, or `[i]` for the in-memory image at
+    position i of `images`.
     """
+    named = _named(images)
     results: dict[int, ImagePrediction] = {}
     good: list[tuple[int, np.ndarray]] = []
-    names = [str(x) if isinstance(x, str | Path) else f"[{i}]" for i, x in enumerate(images)]
-    for i, item in enumerate(images):
+    for i, (name, item) in enumerate(named):
         try:
             good.append((i, _prepared(item, ckpt.inputs.shape)))
         except MnistlabError as exc:
-            results[i] = ImagePrediction(names[i], error=str(exc))
+            results[i] = ImagePrediction(name, error=str(exc))
     if good:
-        probs = _probabilities(ckpt, np.stack([image for _, image in good]))
-        top = torch.topk(probs, k=min(3, probs.shape[1]), dim=1)
-        classes = ckpt.inputs.classes
-        ranked = zip(top.indices.tolist(), top.values.tolist(), strict=True)
-        for (i, _), (index, values) in zip(good, ranked, strict=True):
-            top3 = tuple((classes[c], round(p, 6)) for c, p in zip(index, values, strict=True))
-            results[i] = ImagePrediction(names[i], top3[0][0], top3)
-    return [results[i] for i in range(len(images))]
+        stacked = np.stack([image for _, image in good])
+        ranked = _ranked(ckpt, stacked, [named[i][0] for i, _ in good])
+        results.update(zip((i for i, _ in good), ranked, strict=True))
+    return [results[i] for i in range(len(named))]
 
 
-def predict_csv(ckpt: Checkpoint, csv_path: str | Path, submission_path: str | Path) -> int:
-    """Kaggle Digit Recognizer submission (`ImageId,Label`, ImageId from 1, input order).
-
-    Reads any CSV layout the data layer reads (with or without a label column); writes atomically;
-    returns the number of rows.
-    """
-    if Path(submission_path).is_dir():
-        raise MnistlabError(f"{submission_path}: is a directory; pass a file like submission.csv")
+def predict_rows(ckpt: Checkpoint, csv_path: str | Path) -> list[ImagePrediction]:
+    """Every image of a CSV (any layout the data layer reads, with or without a label column),
+    named `test.csv[i]` after its position (from 0)."""
     images = read_csv(csv_path, ckpt.inputs.classes).images
     if images.shape[1:] != ckpt.inputs.shape:
         raise DataError(
@@ -200,14 +268,48 @@ def predict_csv(ckpt: Checkpoint, csv_path: str | Path, submission_path: str | P
             f"{ckpt.inputs.shape[0]}×{ckpt.inputs.shape[1]}",
             "pass a CSV of the size the model was trained on",
         )
-    labels = _probabilities(ckpt, images).argmax(dim=1).tolist()
-    classes = [_inert(name) for name in ckpt.inputs.classes]
+    return _ranked(ckpt, images, [f"{csv_path}[{i}]" for i in range(len(images))])
+
+
+def predict_csv(ckpt: Checkpoint, csv_path: str | Path, submission_path: str | Path) -> int:
+    """Kaggle Digit Recognizer submission (`ImageId,Label`, ImageId from 1, input order).
+
+    Reads any CSV layout the data layer reads (with or without a label column); writes atomically;
+    returns the number of rows.
+    """
+    _check_file(submission_path, "submission.csv")
+    preds = predict_rows(ckpt, csv_path)
+    _write_csv(submission_path, ("ImageId", "Label"),
+               ((i, p.label) for i, p in enumerate(preds, start=1)))
+    return len(preds)
+
+
+def write_predictions(preds: Sequence[ImagePrediction], path: str | Path) -> None:
+    """The predictions as a CSV (CSV_COLUMNS: one row per image, the top 3 as class, index,
+    probability; an image that failed has only its path and error), written atomically."""
+    _check_file(path, "preds.csv")
+    _write_csv(path, CSV_COLUMNS, (_csv_row(p) for p in preds))
+
+
+def _csv_row(p: ImagePrediction) -> list[Any]:
+    ranked = [cell for (label, probability), index in zip(p.top3, p.top3_index, strict=True)
+              for cell in (label, index, probability)]
+    return [p.path, *ranked, *[""] * (9 - len(ranked)), p.error or ""]
+
+
+def _check_file(path: str | Path, example: str) -> None:
+    if Path(path).is_dir():
+        raise MnistlabError(f"{path}: is a directory; pass a file like {example}")
+
+
+def _write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV through the csv module (quoting commas, quotes, newlines in names), every text cell
+    inert for spreadsheets (`_inert`), written atomically."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["ImageId", "Label"])
-    writer.writerows((i, classes[c]) for i, c in enumerate(labels, start=1))
-    atomic_write_text(submission_path, out.getvalue())
-    return len(labels)
+    writer.writerow(header)
+    writer.writerows([_inert(c) if isinstance(c, str) else c for c in row] for row in rows)
+    atomic_write_text(path, out.getvalue())
 
 
 def _inert(cell: str) -> str:
@@ -217,14 +319,13 @@ def _inert(cell: str) -> str:
 
 
 def format_predictions(preds: Sequence[ImagePrediction], as_json: bool = False) -> str:
-    """Human lines (`path: 7  (7 0.981, 1 0.012, 9 0.003)`) or a JSON list for machines."""
+    """Human lines for the predicted images (`path: 7  (7 0.981, 1 0.012, 9 0.003)`; errors are
+    the caller's to report), or a JSON list of every result (`ImagePrediction.record`)."""
     if as_json:
-        return json.dumps([asdict(p) for p in preds], indent=2)
+        return json.dumps([p.record() for p in preds], indent=2)
     lines = []
     for p in preds:
-        if p.error:
-            lines.append(f"error: {p.error}")
-        else:
+        if not p.error:
             top = ", ".join(f"{c} {prob:.3f}" for c, prob in p.top3)
             lines.append(f"{p.path}: {p.label}  ({top})")
     return "\n".join(lines)
@@ -232,22 +333,34 @@ def format_predictions(preds: Sequence[ImagePrediction], as_json: bool = False) 
 
 def predict_command(
     checkpoint: Path,
-    images: list[Path],
+    images: Sequence[str | Path],
     csv: Path | None = None,
     submission: Path | None = None,
     as_json: bool = False,
-) -> tuple[str, int]:
-    """`mnistlab predict`: (text to print, exit code); 1 when any image failed.
+    out: Path | None = None,
+) -> tuple[str, list[str]]:
+    """`mnistlab predict`: (what to print, the error of each image that failed).
 
-    Either images or `--csv` with `--submission`; anything else is a MnistlabError (exit 2).
+    The images are files, folders or glob patterns, or `csv`'s rows; their predictions are
+    printed as text or JSON, or written to `out` as a CSV; with `submission`, `csv`'s are written
+    as a Kaggle submission instead. A wrong combination is a MnistlabError.
     """
     if bool(images) == (csv is not None):
-        raise MnistlabError("predict: pass image files or --csv FILE (not both, not neither)")
-    if (csv is None) != (submission is None):
-        raise MnistlabError("predict: --csv and --submission go together; pass both")
+        raise MnistlabError("predict: pass image files, folders or patterns, or --csv FILE "
+                            "(not both, not neither)")
+    if submission is not None and csv is None:
+        raise MnistlabError("predict: --submission writes --csv's predictions; pass --csv FILE")
+    if sum((submission is not None, out is not None, as_json)) > 1:
+        raise MnistlabError("predict: --submission, --out and --json are different outputs; "
+                            "pass one of them")
     ckpt = load_checkpoint(checkpoint)
-    if csv is not None:
+    if submission is not None:
         n = predict_csv(ckpt, csv, submission)
-        return f"wrote {n} predictions to {submission}", 0
-    preds = predict_images(ckpt, images)
-    return format_predictions(preds, as_json), int(any(p.error for p in preds))
+        return f"wrote {n} predictions to {submission}", []
+    preds = predict_rows(ckpt, csv) if csv is not None else predict_images(ckpt, images)
+    errors = [p.error for p in preds if p.error]
+    if out is None:
+        return format_predictions(preds, as_json), errors
+    write_predictions(preds, out)
+    failed = f" and {len(errors)} errors" if errors else ""
+    return f"wrote {len(preds) - len(errors)} predictions{failed} to {out}", errors

@@ -67,10 +67,14 @@ def format_summary(summary: dict[str, Any], width: int = 110) -> str:
 
 
 def format_evaluation(ev: Evaluation, classes: Sequence[str], worst: int = 10) -> str:
-    """Totals, per-class scores, confusion matrix and the most confident errors."""
+    """Totals, per-class scores with their macro average, confusion matrix and the most
+    confident errors."""
     per_class = new_table("per class", ("class",), ("precision", "recall", "F1", "support"))
     for name, p, r, f, s in zip(classes, ev.precision, ev.recall, ev.f1, ev.support, strict=True):
         per_class.add_row(name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", str(s))
+    per_class.add_section()
+    per_class.add_row("macro avg", *(f"{v:.4f}" for v in ev.macro.values()),
+                      str(int(ev.support.sum())))
     confusion = new_table("confusion matrix (rows: true class)", ("true \\ pred",), classes)
     for name, row in zip(classes, ev.confusion, strict=True):
         confusion.add_row(name, *(str(c) for c in row))
