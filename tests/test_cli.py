@@ -158,6 +158,22 @@ def test_train_is_verbose_unless_told_otherwise(idx_dir: Path, tmp_path: Path):
     assert "\nepoch 2 h16_da: loss " in shown[("-v",)].stderr
 
 
+def test_train_starts_from_a_preset_and_flags_override_it(idx_dir: Path, tmp_path: Path):
+    import tomllib
+
+    args = ["train", "--preset", "tuned", "--data", str(idx_dir), "--hidden", "16,16",
+            "--epochs", "1", "--label-smoothing", "0.2", "--translate", "1", "--restore-best",
+            "--device", "cpu", "--out", str(tmp_path / "runs"), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run,) = tomllib.loads((run_dir / "study.toml").read_text())["runs"]
+    assert (run["name"], run["lr_schedule"], run["input_norm"]) == ("tuned", "onecycle",
+                                                                    "standardize")
+    assert (run["hidden"], run["label_smoothing"], run["translate"], run["restore_best"]) == (
+        [16, 16], 0.2, 1, True)
+
+
 def _mnistlab(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mnistlab.cli", *args],
@@ -177,6 +193,8 @@ def _mnistlab(*args: str, cwd=None) -> subprocess.CompletedProcess:
         (["study", "--config", "/no/such.toml"], "/no/such.toml"),
         (["report", "/tmp"], "not a run directory"),
         (["data", "check", "nonsense-dataset"], "nonsense-dataset"),
+        (["train", "--preset", "tuned2"], "unknown preset 'tuned2'"),
+        (["train", "--rotate", "200"], "rotate must be in [0, 180]"),
     ],
 )
 def test_user_mistakes_are_one_line_and_exit_2(args, needle, tmp_path):

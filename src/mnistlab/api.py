@@ -22,6 +22,7 @@ import numpy as np
 
 from mnistlab import stats
 from mnistlab.config import (
+    PRESETS,
     STUDY_KEYS,
     RunConfig,
     Schedule,
@@ -123,6 +124,7 @@ def sweep(
 def train(
     config: str | Path | RunConfig | None = None,
     *,
+    preset: str | None = None,
     data: Data | None = None,
     seed: int | None = None,
     out: str | Path = "runs",
@@ -135,9 +137,15 @@ def train(
 
     `options` are RunConfig fields (name, lr, dropout, layernorm, hidden, ...), Schedule fields
     (epochs, batch_size, ...) and val_fraction, split_seed, device; they override `config` (a
-    run TOML or a RunConfig). Without a name, the run is named by what it changes
-    (`lr1e-3_p0.2_ln`).
+    run TOML or a RunConfig) or `preset` (a preset's name, e.g. "tuned"). Without a name, the
+    run is named by what it changes (`lr1e-3_p0.2_ln`).
     """
+    if preset is not None:
+        if config is not None:
+            raise ConfigError("train: pass a config or a preset, not both")
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        config = PRESETS[preset]
     name, source = _data(data)
     unknown = sorted(set(options) - set(RUN_FIELDS) - set(_SCHEDULE_FIELDS) - set(STUDY_KEYS))
     if unknown:
@@ -151,7 +159,8 @@ def train(
         values = read_toml(Path(config), "run") if config else {}
     if "name" not in values and "name" not in flags and "runs" not in values:
         flags["name"] = name_of({k: v for k, v in flags.items() if k in RUN_FIELDS}) or "baseline"
-    study = run_study_from_dict(with_overrides(values, flags), str(config or "train"))
+    where = "train" if config is None or isinstance(config, RunConfig) else str(config)
+    study = run_study_from_dict(with_overrides(values, flags), where)
     return _run(Experiment(study), out, source, progress, report)
 
 

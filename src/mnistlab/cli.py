@@ -168,6 +168,7 @@ def study(
     "mnistlab train --lr 0.001 --dropout 0.2 --layernorm",
     "mnistlab train --hidden 300,300 --activation gelu --epochs 20 --seed 1",
     "mnistlab train --config run.toml --lr 0.0005 --no-verbose",
+    "mnistlab train --preset tuned --data fashion-mnist",
     "mnistlab train --lr 0.003 --lr-schedule onecycle --label-smoothing 0.1 --translate 2",
 ))
 @user_errors
@@ -175,6 +176,11 @@ def train(
     config: Annotated[
         Path | None, typer.Option(help="A run TOML: RunConfig fields (lr, dropout, layernorm, "
                                   "hidden, ...), seed, data and a [schedule] table.")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Start from a preset instead of --config: baseline, "
+                                 "layernorm-dropout, lr1e-3-p0.2, lr5e-4-p0.4, lr1e-4-p0.6 or "
+                                 "tuned.")
     ] = None,
     name: Annotated[
         str | None, typer.Option(help="Name of the run (default: what it changes).")
@@ -278,7 +284,7 @@ def train(
         "drop_last": drop_last, "val_fraction": val_fraction, "device": device,
     }
     given = {k: v for k, v in options.items() if v is not None}
-    _finished(ml.train(config, data=data, seed=seed, out=out, resume=resume,
+    _finished(ml.train(config, preset=preset, data=data, seed=seed, out=out, resume=resume,
                        progress=_progress(verbose, quiet), **given))
 
 
