@@ -40,6 +40,7 @@ import ctypes
 import hashlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -131,7 +132,24 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto → CUDA, then MPS, then CPU; a named device must exist here."""
+    """auto → CUDA, then MPS, then CPU; a named device must exist here. A CUDA device gets the
+    float32 matrix products `matmul_precision` names (cuBLAS's switch is process-wide, so it is
+    set each time: MNISTLAB_TF32 decides, not whatever ran before)."""
+    device = _named_device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = matmul_precision(device) == "tf32"
+    return device
+
+
+def matmul_precision(device: torch.device | str) -> str:
+    """How float32 matrix products run on `device`: "tf32" on CUDA with MNISTLAB_TF32=1 (inputs
+    rounded to TF32's 10-bit mantissa on tensor cores, accumulation in float32: faster, other
+    numbers), else "fp32". Opt-in, so a result is exact float32 unless its env.json says not."""
+    tf32 = os.environ.get("MNISTLAB_TF32") == "1" and str(device).startswith("cuda")
+    return "tf32" if tf32 else "fp32"
+
+
+def _named_device(name: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         return torch.device(next((d for d, ok in available.items() if ok), "cpu"))

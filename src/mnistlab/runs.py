@@ -106,9 +106,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def environment(extra: Mapping[str, Any] | None = None, device: str = "") -> dict[str, Any]:
-    """Versions, device and git revision: what it takes to say where a number came from."""
+    """Versions, device, matrix-product precision and git revision: what it takes to say where a
+    number came from."""
     import numpy
     import torch
+
+    from mnistlab.engine import matmul_precision
 
     try:
         rev = subprocess.run(
@@ -130,6 +133,7 @@ def environment(extra: Mapping[str, Any] | None = None, device: str = "") -> dic
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
+        "matmul": matmul_precision(device),  # "tf32" where MNISTLAB_TF32=1 made it so on CUDA
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_rev": rev or None,
         "created": datetime.now().isoformat(timespec="seconds"),

@@ -1,27 +1,34 @@
 """Executors run jobs and hand back what each produced; they never write the run directory.
 
-`train_job` is the pure compute step: one engine call, then each model's checkpoint bytes,
-test predictions and summary. An executor runs it for each job — in this process
-(`LocalExecutor`) or as Ray tasks on a cluster (`experiment.ray.RayExecutor`) — and yields
-(job, result) as results come. The pipeline records them, so a job retried on another worker can
-never leave half a result or a duplicate behind.
+`train_job` is the pure compute step: one engine call (one per part where a stack runs out of
+memory and is trained in halves), then each model's checkpoint bytes, test predictions and
+summary. An executor runs it for each job — in this process (`LocalExecutor`) or as Ray tasks on
+a cluster (`experiment.ray.RayExecutor`) — and yields (job, result) as results come. The
+pipeline records them, so a job retried on another worker can never leave half a result or a
+duplicate behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import glob
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from mnistlab import engine
 from mnistlab.config import Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, RecordEvent, TrainResult
+from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Predictions
-from mnistlab.experiment.plan import Job, auto_stack_size
+from mnistlab.experiment.plan import Job, auto_stack_size, free_bytes
 from mnistlab.experiment.trials import Trial
 from mnistlab.model import checkpoint_bytes
 
@@ -108,21 +115,123 @@ def train_job(
     state_path: Path | None = None,
     on_record: Callable[[RecordEvent], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> JobResult:
     """Train one job's stack (continuing from `state_path` when it holds a resume state); writes
-    nothing but that state, so it can run anywhere."""
-    result = engine.train(splits, job.members, job.schedule, device=device, state_path=state_path,
-                          resume=True, on_record=on_record, on_log=on_log)
-    runs = [_run_summary(m, result, k) for k, m in enumerate(job.members)]
-    models = [checkpoint_bytes(result.checkpoint(k)) for k in range(len(job.members))]
-    p = result.predictions
-    predictions = [
-        Predictions.of(p.predicted[k].numpy(), p.probability[k].numpy(),
-                       p.true_probability[k].numpy(), splits.test).to_bytes()
-        for k in range(len(job.members))
-    ]
-    outcome = Outcome(result.rows, runs, result.seconds, result.device)
+    nothing but resume states, so it can run anywhere.
+
+    A stack that runs out of memory is trained in halves, each half in turn (`_fitted`); their
+    results are merged back in member order, so a split job's result has an unsplit one's shape
+    and, on a CPU, its numbers (the engine's are independent of what else is in a stack). Each
+    model of a split stack says so in its summary (`stack_split`), and `on_note` hears why.
+    """
+
+    def attempt(members: list[Member], path: Path | None) -> TrainResult:
+        return engine.train(splits, members, job.schedule, device=device, state_path=path,
+                            resume=True, on_record=on_record, on_log=on_log)
+
+    parts = _fitted(list(job.members), state_path, attempt, device, on_note or (lambda _: None))
+    gc.collect()  # the last stack's gradients and moments (a reference cycle) before the copies
+    runs, models, predictions = [], [], []
+    for result in parts:
+        runs += [_run_summary(m, result, k) for k, m in enumerate(result.members)]
+        models += [checkpoint_bytes(result.checkpoint(k)) for k in range(len(result.members))]
+        p = result.predictions
+        predictions += [
+            Predictions.of(p.predicted[k].numpy(), p.probability[k].numpy(),
+                           p.true_probability[k].numpy(), splits.test).to_bytes()
+            for k in range(len(result.members))
+        ]
+    if len(parts) > 1:
+        sizes = [len(result.members) for result in parts for _ in result.members]
+        for run, size in zip(runs, sizes, strict=True):
+            run["stack_split"] = (f"{len(job.members)} models ran out of memory on {device}; "
+                                  f"trained in a stack of {size}")
+        for path in _split_states(state_path):
+            path.unlink(missing_ok=True)
+    rows = sorted((row for result in parts for row in result.rows), key=lambda r: r["step"])
+    outcome = Outcome(rows, runs, sum(r.seconds for r in parts), parts[0].device)
     return JobResult(outcome, models, predictions)
+
+
+def _fitted(
+    members: list[Member], state_path: Path | None,
+    attempt: Callable[[list[Member], Path | None], TrainResult], device: str,
+    note: Callable[[str], None],
+) -> list[TrainResult]:
+    """`attempt(members, state_path)`'s result; where the members run out of memory, the first
+    half's results and then the second's (recursively, down to one model), in member order.
+
+    Each half keeps its own resume state beside the stack's (`state-<key>.0.safetensors`, ...),
+    and a stack that has such states resumes in halves at once. A lone model that does not fit
+    is a one-line MnistlabError.
+    """
+    if _split_states(state_path):
+        why = "it was split before"
+    else:
+        gc.collect()  # the stack trained before this one (a reference cycle) goes first
+        try:
+            return [attempt(members, state_path)]
+        except Exception as exc:  # re-raised below unless an allocation failed
+            if not out_of_memory(exc):
+                raise
+            why = _reason(exc)
+        _release(device)  # outside the handler: the traceback no longer holds the attempt
+    if len(members) == 1:
+        free = free_bytes(device) / 2**30
+        m = members[0]
+        raise MnistlabError(
+            f"{m.config.name} seed {m.seed}: one model does not fit in the memory of {device} "
+            f"({free:.1f} GiB free; {why}); free memory there, or use a smaller batch_size or "
+            "smaller hidden layers" + ("" if device == "cpu" else ", or --device cpu"))
+    half = (len(members) + 1) // 2
+    note(f"{len(members)} models on {device}: {why}; training them as stacks of {half} and "
+         f"{len(members) - half}")
+    paths = (None, None) if state_path is None else tuple(
+        state_path.with_name(f"{state_path.stem}.{i}{state_path.suffix}") for i in (0, 1))
+    return [result for part, path in zip((members[:half], members[half:]), paths, strict=True)
+            for result in _fitted(part, path, attempt, device, note)]
+
+
+def _split_states(state_path: Path | None) -> list[Path]:
+    """The resume states of a stack's halves (and theirs), where it was split."""
+    if state_path is None:
+        return []
+    pattern = f"{glob.escape(state_path.stem)}.[01]*{glob.escape(state_path.suffix)}"
+    return sorted(state_path.parent.glob(pattern))
+
+
+_ALLOCATION_FAILED = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised while handling, is a failed allocation: CUDA's
+    torch.OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError (a failed CUDA
+    graph capture reports the allocation as its context)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.OutOfMemoryError | MemoryError):
+            return True
+        if isinstance(error, RuntimeError) and any(t in str(error) for t in _ALLOCATION_FAILED):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """A failed allocation in a few words: PyTorch's messages run to a paragraph."""
+    asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGT]?i?B|\d+ bytes)", str(exc))
+    return "out of memory" + (f" allocating {asked.group(1)}" if asked else "")
+
+
+def _release(device: str) -> None:
+    """Give back what a failed attempt held: its tensors (reference cycles too: a stack and its
+    backend point at each other) and, on CUDA, the allocator's cached blocks."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 class LocalExecutor:
@@ -147,7 +256,7 @@ class LocalExecutor:
             watch.stack_started(i, len(jobs), job.configurations, len(job.members), steps)
             try:
                 result = train_job(job, splits, device, state_path=state_path(job.key),
-                                   on_record=watch.record, on_log=watch.log)
+                                   on_record=watch.record, on_log=watch.log, on_note=watch.note)
             finally:
                 watch.stack_finished()
             yield job, result
