@@ -69,7 +69,7 @@ def test_an_unknown_preset_is_named_with_the_known_ones():
     """Cause 10: "baseline2" was reported as unknown fields 2, a, b, e, i, l, n, s."""
     assert study_error('runs = ["baseline2"]') == (
         "runs[0]: unknown preset 'baseline2'; known: baseline, layernorm-dropout, "
-        "lr1e-3-p0.2, lr5e-4-p0.4, lr1e-4-p0.6")
+        "lr1e-3-p0.2, lr5e-4-p0.4, lr1e-4-p0.6, tuned")
 
 
 def test_unknown_fields_are_named_once_with_the_known_ones():
