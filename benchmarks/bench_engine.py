@@ -3,7 +3,9 @@
 Fashion-MNIST (Debian's dataset-fashion-mnist), 48,000/12,000 stratified split, the seed schedule
 (batch 128, record every 75 steps). Each timing excludes data loading and is the median of
 `--repeats`. FLOP counts are nominal, as in issue 3: per model 3 × forward for training plus one
-forward over the validation set per record (≈ 578 GFLOP for 10 epochs).
+forward over the validation set per record (≈ 578 GFLOP for 10 epochs). The engine runs with
+the fused CPU kernels (mnistlab.cpu_kernels), with PyTorch operators, or both (`--cpu-fused`);
+with both, each repeat runs the two in turn, so the ratio is measured under the same load.
 
     python benchmarks/bench_engine.py --epochs 10 --repeats 3
 """
@@ -18,13 +20,14 @@ import resource
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnistlab.config import PRESETS, RunConfig, Schedule
+from mnistlab.config import PRESETS, RunConfig, Schedule, seed_study
 from mnistlab.data.dataset import Source, Splits, make_splits
 from mnistlab.data.idx import read_idx
 from mnistlab.engine import Member, _keep_freed_memory, input_spec, train
@@ -84,9 +87,18 @@ def idiomatic(splits: Splits, config: RunConfig, schedule: Schedule, seed: int =
     return time.perf_counter() - start
 
 
-def engine(splits: Splits, configs: list[RunConfig], schedule: Schedule) -> float:
-    """The engine as a study runs it: all configurations in one stack (they share a layer shape)."""
-    return train(splits, [Member(c, 0) for c in configs], schedule, device="cpu").seconds
+def engine(splits: Splits, configs: list[RunConfig], schedule: Schedule, fused: bool) -> float:
+    """The engine as a study runs it: all configurations in one stack (they share a layer
+    shape), its non-GEMM work in the fused CPU kernels or in PyTorch operators."""
+    previous = os.environ.get("MNISTLAB_CPU_FUSED")
+    os.environ["MNISTLAB_CPU_FUSED"] = "1" if fused else "0"
+    try:
+        return train(splits, [Member(c, 0) for c in configs], schedule, device="cpu").seconds
+    finally:
+        if previous is None:
+            del os.environ["MNISTLAB_CPU_FUSED"]
+        else:
+            os.environ["MNISTLAB_CPU_FUSED"] = previous
 
 
 def mm_gflops(repeats: int = 10) -> float:
@@ -100,8 +112,13 @@ def mm_gflops(repeats: int = 10) -> float:
     return 2 * 2048**3 / statistics.median(times) / 1e9
 
 
-def median_of(repeats: int, fn, *args) -> float:
-    return statistics.median(fn(*args) for _ in range(repeats))
+def medians(repeats: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Each run's median seconds over `repeats` rounds, the runs taking turns in each round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(run())
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_mib() -> float:
@@ -112,6 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu-fused", choices=("on", "off", "both"), default="both",
+                        help="the engine with the fused CPU kernels, with PyTorch operators "
+                             "(MNISTLAB_CPU_FUSED=0), or both in turn (default)")
     args = parser.parse_args()
     _keep_freed_memory()  # train() sets this allocator policy; the idiomatic loop gets it too
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -122,30 +142,33 @@ def main() -> None:
     splits = fashion_splits()
     schedule = Schedule(epochs=args.epochs)
     gflop = nominal_gflop(splits, schedule)
-    five = list(PRESETS.values())
+    five = list(seed_study().runs)  # its five presets, one N=5 stack
     print(f"data: {len(splits.train)}/{len(splits.val)}/{len(splits.test)}, "
           f"{args.epochs} epochs, {gflop:.0f} nominal GFLOP per model; peak {peak_mib():.0f} MiB")
     mm = mm_gflops()
     print(f"torch.mm 2048x2048 fp32: {mm:.1f} GFLOP/s")
-    results = {
-        f"idiomatic, {SINGLE}": median_of(args.repeats, idiomatic, splits, PRESETS[SINGLE],
-                                          schedule),
-        f"engine N=1, {SINGLE}": median_of(args.repeats, engine, splits, [PRESETS[SINGLE]],
-                                           schedule),
-    }
-    print(f"peak after N=1 runs: {peak_mib():.0f} MiB")
-    results["idiomatic, five configs one after another"] = median_of(
-        args.repeats, lambda: sum(idiomatic(splits, c, schedule) for c in five))
-    results["engine, five configs (one N=5 stack)"] = median_of(
-        args.repeats, engine, splits, five, schedule)
-    print(f"peak after all: {peak_mib():.0f} MiB")
-    for name, seconds in results.items():
-        models = 5 if "five" in name else 1
-        rate = gflop * models / seconds
-        print(f"{name:52s} {seconds:7.2f} s  {rate:6.1f} GFLOP/s  {rate / mm:5.0%} of mm")
-    names = list(results)
-    print(f"speed-up N=1: {results[names[0]] / results[names[1]]:.2f}x, "
-          f"five configs: {results[names[2]] / results[names[3]]:.2f}x")
+    kinds = {"on": [True], "off": [False], "both": [True, False]}[args.cpu_fused]
+    ways = {True: "fused CPU kernels", False: "PyTorch ops"}
+    groups = {"N=1": ("idiomatic, " + SINGLE, [PRESETS[SINGLE]], "engine N=1, " + SINGLE),
+              "five": ("idiomatic, five configs one after another", five,
+                       "engine, five configs (one N=5 stack)")}
+    for group, (baseline, configs, label) in groups.items():
+        runs: dict[str, Callable[[], float]] = {
+            baseline: lambda configs=configs: sum(idiomatic(splits, c, schedule) for c in configs)}
+        for fused in kinds:
+            runs[f"{label}, {ways[fused]}"] = (
+                lambda configs=configs, fused=fused: engine(splits, configs, schedule, fused))
+        results = medians(args.repeats, runs)
+        for name, seconds in results.items():
+            rate = gflop * len(configs) / seconds
+            print(f"{name:72s} {seconds:7.2f} s  {rate:6.1f} GFLOP/s  {rate / mm:5.0%} of mm")
+        engines = {fused: results[f"{label}, {ways[fused]}"] for fused in kinds}
+        line = ", ".join(f"{ways[fused]} {results[baseline] / t:.2f}x"
+                         for fused, t in engines.items())
+        if len(engines) == 2:
+            line += f"; fused kernels {engines[False] / engines[True]:.2f}x PyTorch ops"
+        print(f"speed-up {group}: {line}; peak {peak_mib():.0f} MiB; "
+              f"load average {os.getloadavg()}", flush=True)
     print(f"torch.mm 2048x2048 again: {mm_gflops():.1f} GFLOP/s; "
           f"load average after: {os.getloadavg()}")
 

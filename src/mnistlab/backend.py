@@ -1,11 +1,12 @@
-"""How a stack computes, chosen once when it is built: PyTorch operators, or fused Triton kernels.
+"""How a stack computes, chosen once when it is built: PyTorch operators, or fused kernels.
 
-Why an object: the two ways differ in everything between the matrix products (a hidden layer's
+Why an object: the ways differ in everything between the matrix products (a hidden layer's
 activation, dropout and LayerNorm and their gradients), in the loss and its books, in Adam, in
 how a step is run and in how evaluation is cut into blocks. `choose` picks one per stack and the
 stack holds it (`Stack.backend`), so neither the stack nor the engine asks which one it has.
 
-- `TorchOps`, PyTorch operators on every device: the CPU's and MPS's, and CUDA's where Triton is
+- `TorchOps`, PyTorch operators on every device: MPS's, the CPU's unless the fused CPU
+  kernels are switched on (MNISTLAB_CPU_FUSED=1) and build here, and CUDA's where Triton is
   missing or switched off (MNISTLAB_TRITON=0). The backward pass calls PyTorch's own backward
   kernels (threshold/gelu/tanh, layer norm) on whole stacks; dropout draws from one generator
   per model; Adam is PyTorch's fused kernel (AdamW's where a model decays its weights
@@ -17,6 +18,12 @@ stack holds it (`Stack.backend`), so neither the stack nor the engine asks which
   one launch each for Adam, dropout and the loss with its books instead of one per model or a
   dozen; a ReLU stack's hidden layers are one launch each too (`TritonLayers`), other
   activations keep `TorchOps`'s layer operations.
+- `CpuKernels`, on the CPU with MNISTLAB_CPU_FUSED=1 (mnistlab.cpu_kernels: C++ compiled at
+  first use, loaded lazily):
+  Adam, the loss with its books, and each hidden layer's dropout and LayerNorm (and ReLU) with
+  their gradients as one call each for the whole stack. Its dropout masks are counter-based,
+  as the Triton kernels' are (another stream): a run's numbers depend on which CPU backend
+  trained it, and each is bit-reproducible.
 
 On CUDA either one's step is replayed as a CUDA graph (mnistlab.graphs) unless
 MNISTLAB_CUDA_GRAPHS=0.
@@ -81,13 +88,28 @@ class Stack(Protocol):
     dropout_seeds: list[int]
 
 
+def cpu_kernels(device: torch.device) -> ModuleType | None:
+    """mnistlab.cpu_kernels where a stack on `device` should use them, else None.
+
+    CPU only, opt-in (MNISTLAB_CPU_FUSED=1: they change a run's dropout masks, so its
+    numbers), and only where they build here (else one line on stderr says why, once).
+    Imported here, lazily, as the Triton kernels are.
+    """
+    if device.type != "cpu" or os.environ.get("MNISTLAB_CPU_FUSED", "0") != "1":
+        return None
+    from mnistlab import cpu_kernels as kernels
+
+    return kernels if kernels.library() is not None else None
+
+
 def choose(stack: Stack) -> TorchOps:
-    """The backend for `stack`: the Triton kernels where `triton_kernels` offers them, else
-    PyTorch operators."""
+    """The backend for `stack`: the Triton kernels where `triton_kernels` offers them, the
+    fused CPU kernels where `cpu_kernels` does, else PyTorch operators."""
     kernels = triton_kernels(stack.device)
-    if kernels is None:
-        return TorchOps(stack)
-    return (TritonLayers if stack.act == "relu" else TritonKernels)(stack, kernels)
+    if kernels is not None:
+        return (TritonLayers if stack.act == "relu" else TritonKernels)(stack, kernels)
+    kernels = cpu_kernels(stack.device)
+    return TorchOps(stack) if kernels is None else CpuKernels(stack, kernels)
 
 
 @dataclass
@@ -334,6 +356,86 @@ class TritonLayers(TritonKernels):
             grads = g[f"norm{i}.weight"], g[f"norm{i}.bias"]
         return self.kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
                                             layer.mask, layer.a, grads, g[f"linear{i}.bias"])
+
+
+class CpuKernels(TorchOps):
+    """A CPU stack's non-GEMM work in fused C++ calls (mnistlab.cpu_kernels): Adam for all
+    models in one, the loss's gradient and books in one (after PyTorch's log_softmax and exp),
+    each hidden layer's activation (ReLU; others are PyTorch's), dropout and LayerNorm in one
+    call each way.
+
+    Where its arithmetic is PyTorch's it has `TorchOps`'s bits: Adam (one-cycle's models: to
+    float32 rounding), the loss gradient, ReLU and its gate, the bias sums; so a model without
+    LayerNorm and dropout trains to the same bits. LayerNorm agrees to float32 rounding (its
+    sums run in another order). Dropout masks are counter-based (keyed by each model's dropout
+    seed, the step count and the layer), not drawn from the stack's generators: other masks
+    than `TorchOps`'s, and no generator state needed.
+    """
+
+    def __init__(self, stack: Stack, kernels: ModuleType):
+        super().__init__(stack)
+        self.kernels = kernels
+        self.hyper = torch.tensor(
+            [[c.lr, *c.betas, c.eps, c.weight_decay, c.decoupled_decay, span,
+              kernels.ADAM_KINDS[_adam_kind(c)]]
+             for c, span in zip(stack.configs, stack.adam_span, strict=True)],
+            dtype=torch.float64,
+        )
+        self.seeds = torch.tensor(stack.dropout_seeds, dtype=torch.int64)
+        self.p = self.drop_p.view(-1)
+        self.layernorm_on = torch.tensor([c.layernorm for c in stack.configs], dtype=torch.int32)
+        self.relu = stack.act == "relu"
+
+    def dropout(self, a: Tensor, layer: int = 0) -> tuple[Tensor, Tensor]:
+        drop = (self.seeds, self.p, self.stack.adam_step, layer)
+        out, mask, _, _ = self.kernels.hidden_forward(a, None, drop, LN_EPS, relu=False)
+        return out, mask
+
+    def hidden_forward(self, x: Tensor, z: Tensor, i: int, train: bool) -> tuple[Tensor, Hidden]:
+        """Hidden layer i after z = x W + b: the activation (ReLU fused, others PyTorch's),
+        dropout (training) and LayerNorm in one call. For ReLU the cache's activation is z
+        (its gradient's gate z > 0 is a > 0's); its output is `u`."""
+        s = self.stack
+        a = z if self.relu else _ACT[s.act](z)
+        norm = None
+        if s.layernorm:
+            norm = (s.params[f"norm{i}.weight"], s.params[f"norm{i}.bias"], self.layernorm_on)
+        drop = (self.seeds, self.p, s.adam_step, i) if train and i in s.dropout_layers else None
+        out, mask, xhat, rstd = self.kernels.hidden_forward(a, norm, drop, LN_EPS, self.relu,
+                                                            train)
+        return out, Hidden(x, z, a, mask, out, xhat, None, rstd)
+
+    def hidden_backward(self, d: Tensor, layer: Hidden, i: int) -> Tensor:
+        """LayerNorm (with its parameters' gradients), dropout and ReLU backward in one call;
+        another activation's backward is PyTorch's, after it. The bias gradient is `TorchOps`'s
+        sum: a model without LayerNorm and dropout gets `TorchOps`'s bits."""
+        s, g = self.stack, self.stack.grads
+        norm = None
+        if s.layernorm:
+            norm = (s.params[f"norm{i}.weight"], self.layernorm_on, g[f"norm{i}.weight"],
+                    g[f"norm{i}.bias"])
+        gate = layer.z if self.relu else None
+        d = self.kernels.hidden_backward(d, layer.xhat, layer.rstd, norm, layer.mask, gate)
+        if not self.relu:
+            d = _ACT_BACKWARD[s.act](d, layer.z, layer.a)
+        torch.sum(d, 1, keepdim=True, out=g[f"linear{i}.bias"])
+        return d
+
+    def loss(self, logits: Tensor, y: Tensor, books: dict[str, Tensor]) -> Tensor:
+        smoothing = None if self.smoothing is None else self.smoothing.view(-1)
+        return self.kernels.cross_entropy_step(logits, y, books, self.stack.adam_step, smoothing)
+
+    def adam(self, frozen: Tensor) -> None:
+        s = self.stack
+        self.kernels.adam_(s.flat, self.hyper, s.rates, frozen, s.adam_step)
+
+
+def _adam_kind(config: RunConfig) -> str:
+    """How a model's Adam reads its rates: its configuration's numbers, a scheduled learning
+    rate, or one-cycle's learning rate and beta1 (mnistlab.cpu_kernels.ADAM_KINDS)."""
+    if config.lr_schedule == "onecycle":
+        return "onecycle"
+    return "constant" if schedules.constant(config) else "scheduled"
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
