@@ -243,13 +243,14 @@ def cross_entropy_step(logits: Tensor, labels: Tensor, books: dict[str, Tensor],
     CrossEntropyLoss(label_smoothing=smoothing[k])'s; the books keep the plain cross-entropy.
     log_softmax and exp are PyTorch's: the gradient has the PyTorch backend's bits.
     """
+    logits = logits.contiguous()
     logp = torch.log_softmax(logits, -1)
     grad = logp.exp()
     if labels.stride(-1) != 1:
         labels = labels.contiguous()
     n, batch, classes = logits.shape
     library().cross_entropy_step(
-        logits.contiguous().data_ptr(), logp.data_ptr(), grad.data_ptr(), labels.data_ptr(),
+        logits.data_ptr(), logp.data_ptr(), grad.data_ptr(), labels.data_ptr(),
         labels.stride(0), books["loss_sum"].data_ptr(), books["acc_sum"].data_ptr(),
         books["last_loss"].data_ptr(), books["frozen"].data_ptr(),
         books["diverged_at"].data_ptr(), step.data_ptr(), _ptr(smoothing), n, batch, classes)
