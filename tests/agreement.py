@@ -37,3 +37,18 @@ def assert_mostly_close(ours: Tensor, ref: Tensor, max_move: float) -> None:
     close = torch.isclose(ours, ref, atol=1e-5, rtol=1e-4)
     assert close.float().mean().item() > 0.999
     assert (ours - ref).abs().max().item() <= max_move
+
+
+def assert_backends_agree(result, reference) -> None:
+    """Two backends' runs of one recipe stack (without dropout, whose streams differ): the same
+    records to float32 drift, weights as `assert_mostly_close` says, the same stops and restores."""
+    assert [{**r, "loss": 0, "accuracy": 0} for r in result.rows] == [
+        {**r, "loss": 0, "accuracy": 0} for r in reference.rows]
+    for key in ("loss", "accuracy"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in result.rows]),
+                                   torch.tensor([r[key] for r in reference.rows]),
+                                   atol=0.01, rtol=1e-3)
+    for k, member in enumerate(result.members):
+        for name, value in reference.weights.items():
+            assert_mostly_close(result.weights[name][k], value[k], 20 * member.config.lr)
+    assert (result.stopped, result.restored) == (reference.stopped, reference.restored)

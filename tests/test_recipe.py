@@ -12,31 +12,15 @@ import numpy as np
 import pytest
 import torch
 from agreement import assert_same
-from test_engine import LN, fashion_splits  # noqa: F401  (a fixture)
+from test_engine import LN, fashion_splits, reference_run, torch_schedule  # noqa: F401
 from torch import nn
 
 from mnistlab import augment, schedules
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Interrupted, Member, input_spec, train
+from mnistlab.engine import Interrupted, Member, train
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment.sweep import expand, sweep_from_dict
-from mnistlab.stack import derived_seed
-
-
-def torch_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, steps: int):
-    """The PyTorch scheduler that `config.lr_schedule` and `warmup` name (see schedules.py)."""
-    sched = torch.optim.lr_scheduler
-    if config.lr_schedule == "onecycle":
-        return sched.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps,
-                                pct_start=config.warmup)
-    warm = round(config.warmup * steps)
-    main = (sched.CosineAnnealingLR(optimizer, T_max=steps - warm)
-            if config.lr_schedule == "cosine" else sched.ConstantLR(optimizer, factor=1.0))
-    if not warm:
-        return main
-    linear = sched.LinearLR(optimizer, start_factor=1 / warm, total_iters=warm - 1)
-    return sched.SequentialLR(optimizer, [linear, main], milestones=[warm])
 
 
 @pytest.mark.parametrize("config", [
@@ -58,48 +42,6 @@ def test_rates_are_torch_schedulers_values(config):
         optimizer.step()
         scheduler.step()
     np.testing.assert_allclose(schedules.rates(config, steps), expected, rtol=1e-12, atol=0)
-
-
-def reference_run(splits: Splits, config: RunConfig, seed: int, steps: int, batch: int = 128):
-    """nn.Sequential with torch.optim.Adam or AdamW, the scheduler and the smoothed loss that
-    `config` names, fed the engine's documented batches; on one thread (see test_engine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _reference_run(splits, config, seed, steps, batch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _reference_run(splits: Splits, config: RunConfig, seed: int, steps: int, batch: int):
-    from mnistlab.model import build_mlp
-
-    torch.manual_seed(seed)
-    model = build_mlp(config)
-    if config.decoupled_decay:
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                                eps=config.eps, weight_decay=config.decoupled_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas,
-                               eps=config.eps, weight_decay=config.weight_decay)
-    scheduler = torch_schedule(config, opt, steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    x = input_spec(splits.train, config.input_norm).prepare(splits.train.images)
-    y = torch.as_tensor(splits.train.labels)
-    order = torch.Generator().manual_seed(derived_seed("order", seed))
-    losses, per_epoch = [], math.ceil(len(x) / batch)
-    for step in range(steps):
-        if step % per_epoch == 0:
-            perm = torch.randperm(len(x), generator=order)
-        index = perm[step % per_epoch * batch :][:batch]
-        logits = model(x[index])
-        loss = loss_fn(logits, y[index])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        scheduler.step()
-        losses.append(nn.functional.cross_entropy(logits, y[index]).item())
-    return model, losses
 
 
 @pytest.mark.parametrize("configs", [
