@@ -19,7 +19,7 @@ STAGES = [
     ["mnistlab.model"],
     ["mnistlab.kernels", "mnistlab.cpu_kernels", "mnistlab.graphs", "mnistlab.schedules",
      "mnistlab.stopping"],
-    ["mnistlab.backend"],
+    ["mnistlab.arithmetic", "mnistlab.backend"],
     ["mnistlab.stack"],
     ["mnistlab.augment"],
     ["mnistlab.engine"],

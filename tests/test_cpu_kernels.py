@@ -21,6 +21,7 @@ from test_engine import GELU, MIXED_LAYERNORM
 from test_recipe import RECIPE
 
 from mnistlab import backend, cpu_kernels
+from mnistlab.arithmetic import requested
 from mnistlab.backend import CpuKernels, TorchOps, cross_entropy
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
@@ -140,7 +141,7 @@ def test_layers_match_torch_ops_fed_the_same_masks(fused, monkeypatch, act, laye
     logits, hidden = a.forward(x, train=True)
     a.backward(cross_entropy(logits, y)[2], hidden)
     masks = iter([layer.mask for layer in hidden[:-1]])
-    monkeypatch.setattr(b.backend, "dropout", lambda u: (lambda m: (u * m, m))(next(masks)))
+    monkeypatch.setattr(b.backend, "dropout", lambda u, layer: (lambda m: (u * m, m))(next(masks)))
     expected, reference = b.forward(x, train=True)
     torch.testing.assert_close(logits, expected, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(a.forward(x)[0], b.forward(x)[0], atol=2e-6, rtol=1e-5)
@@ -158,7 +159,7 @@ def test_dropout_stream_is_per_model_step_and_layer(fused):
                for n, p in (("a", 0.2), ("b", 0.6), ("c", 0.0))]
     stack = Stack.initial(configs, [0, 0, 0], 784, 10, CPU)
     ones = torch.ones(3, 4096, 150)
-    _, masks = stack.backend.dropout(ones)
+    _, masks = stack.backend.dropout(ones, 0)
     kept = masks > 0
     assert kept[0].float().mean().item() == pytest.approx(0.8, abs=0.01)
     assert kept[1].float().mean().item() == pytest.approx(0.4, abs=0.01)
@@ -166,12 +167,12 @@ def test_dropout_stream_is_per_model_step_and_layer(fused):
     assert masks[0][kept[0]].unique().tolist() == [pytest.approx(1 / 0.8)]
     both_dropped = (~kept[0] & ~kept[1]).float().mean().item()
     assert both_dropped == pytest.approx(0.2 * 0.6, abs=0.01)
-    assert torch.equal(stack.backend.dropout(ones)[1], masks)  # deterministic
+    assert torch.equal(stack.backend.dropout(ones, 0)[1], masks)  # deterministic
     alone = Stack.initial(configs[1:2], [0], 784, 10, CPU)
-    assert torch.equal(alone.backend.dropout(ones[1:2])[1][0], masks[1])
+    assert torch.equal(alone.backend.dropout(ones[1:2], 0)[1][0], masks[1])
     layer = stack.backend.dropout(ones, layer=1)[1]
     stack.adam_step += 1
-    later = stack.backend.dropout(ones)[1]
+    later = stack.backend.dropout(ones, 0)[1]
     for other in (layer, later):  # other layer, other step: another mask
         assert (other[0] != masks[0]).float().mean().item() == pytest.approx(0.32, abs=0.02)
 
@@ -255,16 +256,18 @@ def test_resume_mid_epoch_is_bit_identical(splits, fused, tmp_path):
                 whole)
 
 
-def test_switched_on_and_off_by_the_environment(fused, monkeypatch):
-    """Opt-in: the fused kernels change a run's dropout masks, so its numbers."""
+def test_on_by_default_and_switched_off_by_the_environment(fused, monkeypatch):
+    """The fused step is the default CPU arithmetic; MNISTLAB_CPU_FUSED=0 asks for PyTorch's
+    operators (other dropout masks, so other numbers: the run records which)."""
     monkeypatch.delenv("MNISTLAB_CPU_FUSED")
-    assert backend.cpu_kernels(CPU) is None
+    assert backend.cpu_kernels(requested(CPU)) is cpu_kernels
+    assert type(Stack.initial([RunConfig()], [0], 784, 10, CPU).backend) is CpuKernels
     monkeypatch.setenv("MNISTLAB_CPU_FUSED", "0")
-    assert backend.cpu_kernels(CPU) is None
+    assert backend.cpu_kernels(requested(CPU)) is None
     assert type(Stack.initial([RunConfig()], [0], 784, 10, CPU).backend) is TorchOps
     monkeypatch.setenv("MNISTLAB_CPU_FUSED", "1")
-    assert backend.cpu_kernels(CPU) is cpu_kernels
-    assert backend.cpu_kernels(torch.device("meta")) is None  # CPU stacks only
+    assert backend.cpu_kernels(requested(CPU)) is cpu_kernels
+    assert backend.cpu_kernels(requested(torch.device("meta"))) is None  # CPU stacks only
 
 
 def test_without_a_compiler_one_line_says_so_and_torch_ops_train(splits, fused, monkeypatch,

@@ -185,7 +185,7 @@ def test_dropout_masks_are_per_model_and_independent():
     configs = [replace(LN, name="a", dropout=0.2), replace(LN, name="b", dropout=0.6),
                replace(LN, name="c", dropout=0.0)]
     stack = Stack.initial(configs, [0, 0, 0], 784, 10, torch.device("cpu"))
-    _, masks = stack.backend.dropout(torch.ones(3, 4096, 150))
+    _, masks = stack.backend.dropout(torch.ones(3, 4096, 150), 0)
     kept = masks > 0
     assert kept[0].float().mean().item() == pytest.approx(0.8, abs=0.01)
     assert kept[1].float().mean().item() == pytest.approx(0.4, abs=0.01)

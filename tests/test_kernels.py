@@ -13,6 +13,7 @@ from agreement import DEVICE, assert_backends_agree, assert_mostly_close, assert
 from test_engine import GELU, LN, MIXED_LAYERNORM, reference_run
 
 from mnistlab import backend as backend_module
+from mnistlab.arithmetic import requested
 from mnistlab.backend import cross_entropy
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
@@ -85,6 +86,21 @@ def test_dropout_streams_are_per_model_and_per_step():
     assert torch.equal(again[1], scale)  # deterministic
 
 
+def test_each_hidden_layer_draws_its_own_dropout_mask():
+    """The key holds the layer: two dropout layers of one model at one step used to share a
+    mask (the same seed and step gave the same Philox key). Layer 0 keeps its old key."""
+    a = torch.ones(2, 256, 64, device=DEVICE)
+    seeds = torch.tensor([5, 6], dtype=torch.int64, device=DEVICE)
+    p = torch.tensor([0.5, 0.5], device=DEVICE)
+    step = torch.tensor(7.0, device=DEVICE)
+    first, second = (kernels.dropout(a, seeds, p, step, layer)[1] for layer in (0, 1))
+    assert (first != second).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert torch.equal(kernels.dropout(a, seeds, p, step)[1], first)  # layer 0 by default
+    for layer, expected in ((0, first), (1, second)):  # the fused layer draws the same masks
+        fused = kernels.hidden_forward(a, None, (seeds, p, step, layer), 1e-5)[1]
+        assert torch.equal(fused, expected)
+
+
 def small(member: Member) -> Member:
     """The member with 32-unit hidden layers: the interpreter runs each kernel program in Python."""
     return Member(replace(member.config, hidden=(32, 32)), member.seed)
@@ -127,10 +143,11 @@ def test_backend_is_chosen_by_device_environment_and_activation(monkeypatch):
     steps run plainly off CUDA, whichever backend."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("MNISTLAB_TRITON", raising=False)
-    assert backend_module.triton_kernels(cuda) is kernels
-    assert backend_module.triton_kernels(cpu) is None
+    monkeypatch.setenv("MNISTLAB_CPU_FUSED", "0")  # the CPU's own fused step aside
+    assert backend_module.triton_kernels(requested(cuda)) is kernels
+    assert backend_module.triton_kernels(requested(cpu)) is None
     monkeypatch.setenv("MNISTLAB_TRITON", "0")
-    assert backend_module.triton_kernels(cuda) is None
+    assert backend_module.triton_kernels(requested(cuda)) is None
     relu, gelu = RunConfig(name="relu"), RunConfig(name="gelu", activation="gelu")
     assert type(Stack.initial([relu], [0], 784, 10, cpu).backend) is backend_module.TorchOps
     monkeypatch.setattr(backend_module, "triton_kernels", lambda device: kernels)
@@ -162,12 +179,14 @@ def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
     masks = iter([layer.mask for layer in hidden[:-1] if layer.mask is not None])
     relu = torch.relu(hidden[0].z)  # layer 0's activation: the dropout kernel draws masks alike
     fused_ops = stack.backend
-    drawn = kernels.dropout(relu, fused_ops.seeds, fused_ops.drop_p.view(-1), stack.adam_step)[1]
+    drawn = kernels.dropout(relu, fused_ops.seeds, fused_ops.drop_p.view(-1), stack.adam_step,
+                            0)[1]
     assert torch.equal(drawn, hidden[0].mask)
     evaluated = stack.forward(x)[0]  # evaluation: no dropout, no statistics kept
     stack.backend = backend_module.TorchOps(stack)
     torch.testing.assert_close(evaluated, stack.forward(x)[0], atol=2e-6, rtol=1e-5)
-    monkeypatch.setattr(stack.backend, "dropout", lambda a: (lambda m: (a * m, m))(next(masks)))
+    monkeypatch.setattr(stack.backend, "dropout",
+                        lambda a, layer: (lambda m: (a * m, m))(next(masks)))
     expected, hidden = stack.forward(x, train=True)
     torch.testing.assert_close(logits, expected, atol=2e-6, rtol=1e-5)
     stack.backward(cross_entropy(expected, y)[2], hidden)

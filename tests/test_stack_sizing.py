@@ -29,10 +29,11 @@ from torch.utils._pytree import tree_flatten
 
 import mnistlab as ml
 from mnistlab import engine
+from mnistlab.arithmetic import requested
 from mnistlab.config import RunConfig, Schedule
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.data.npz import write_npz
-from mnistlab.engine import Member, matmul_precision, resolve_device
+from mnistlab.engine import Member, resolve_device
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment.executor import out_of_memory, train_job
 from mnistlab.experiment.plan import Job, auto_stack_size, member_bytes
@@ -384,24 +385,27 @@ def test_a_real_allocation_failure_on_the_cpu_splits_the_stack(tiny_data):
 
 def test_tf32_is_opt_in_named_for_cuda_only_and_recorded(monkeypatch):
     monkeypatch.delenv("MNISTLAB_TF32", raising=False)
-    assert matmul_precision("cuda:0") == "fp32"
+    assert requested(torch.device("cuda:0")).matmul == "fp32"
     monkeypatch.setenv("MNISTLAB_TF32", "1")
-    assert matmul_precision("cuda:0") == matmul_precision(torch.device("cuda")) == "tf32"
-    assert matmul_precision("cpu") == matmul_precision("mps") == "fp32"
+    assert requested(torch.device("cuda:0")).matmul == "tf32"
+    assert requested(torch.device("cpu")).matmul == requested(torch.device("mps")).matmul == "fp32"
     before = torch.backends.cuda.matmul.allow_tf32
     assert resolve_device("cpu").type == "cpu"
     assert torch.backends.cuda.matmul.allow_tf32 == before  # a CPU run sets nothing
     assert environment(device="cuda:0")["matmul"] == "tf32"
+    assert environment(device="cuda:0")["arithmetic"]["matmul"] == "tf32"
     assert environment(device="cpu")["matmul"] == "fp32"
 
 
 @cuda
-def test_tf32_switch_sets_cublas_on_cuda(monkeypatch):
+def test_tf32_switch_sets_cublas_on_cuda(monkeypatch, make_dataset):
+    splits = Splits(make_dataset(64, seed=1), make_dataset(16, seed=2), make_dataset(16, seed=3))
+    one = [Member(RunConfig(name="a", hidden=(8,)), 0)]
     monkeypatch.setenv("MNISTLAB_TF32", "1")
-    resolve_device("cuda")
+    engine.train(splits, one, Schedule(epochs=1, record_every=4), device="cuda")
     assert torch.backends.cuda.matmul.allow_tf32
     monkeypatch.setenv("MNISTLAB_TF32", "0")
-    resolve_device("cuda")
+    engine.train(splits, one, Schedule(epochs=1, record_every=4), device="cuda")
     assert not torch.backends.cuda.matmul.allow_tf32
 
 

@@ -5,9 +5,9 @@ activation, dropout and LayerNorm and their gradients), in the loss and its book
 how a step is run and in how evaluation is cut into blocks. `choose` picks one per stack and the
 stack holds it (`Stack.backend`), so neither the stack nor the engine asks which one it has.
 
-- `TorchOps`, PyTorch operators on every device: MPS's, the CPU's unless the fused CPU
-  kernels are switched on (MNISTLAB_CPU_FUSED=1) and build here, and CUDA's where Triton is
-  missing or switched off (MNISTLAB_TRITON=0). The backward pass calls PyTorch's own backward
+- `TorchOps`, PyTorch operators on every device: MPS's, the CPU's where the stack's arithmetic
+  says so (MNISTLAB_CPU_FUSED=0, or no C++ compiler), and CUDA's where Triton is missing or
+  switched off (MNISTLAB_TRITON=0). The backward pass calls PyTorch's own backward
   kernels (threshold/gelu/tanh, layer norm) on whole stacks; dropout draws from one generator
   per model; Adam is PyTorch's fused kernel (AdamW's where a model decays its weights
   decoupled), one call per model so each model keeps its own hyperparameters and can be frozen
@@ -18,20 +18,20 @@ stack holds it (`Stack.backend`), so neither the stack nor the engine asks which
   one launch each for Adam, dropout and the loss with its books instead of one per model or a
   dozen; a ReLU stack's hidden layers are one launch each too (`TritonLayers`), other
   activations keep `TorchOps`'s layer operations.
-- `CpuKernels`, on the CPU with MNISTLAB_CPU_FUSED=1 (mnistlab.cpu_kernels: C++ compiled at
-  first use, loaded lazily):
+- `CpuKernels`, on the CPU by default (mnistlab.cpu_kernels: C++ compiled at first use, loaded
+  lazily):
   Adam, the loss with its books, and each hidden layer's dropout and LayerNorm (and ReLU) with
   their gradients as one call each for the whole stack. Its dropout masks are counter-based,
   as the Triton kernels' are (another stream): a run's numbers depend on which CPU backend
   trained it, and each is bit-reproducible.
 
 On CUDA either one's step is replayed as a CUDA graph (mnistlab.graphs) unless
-MNISTLAB_CUDA_GRAPHS=0.
+MNISTLAB_CUDA_GRAPHS=0. Which of these a stack uses is its `Arithmetic` (mnistlab.arithmetic),
+resolved once per run and recorded with it: nothing here reads the environment.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -41,7 +41,9 @@ import torch
 from torch import Tensor
 
 from mnistlab import schedules
+from mnistlab.arithmetic import Arithmetic
 from mnistlab.config import RunConfig
+from mnistlab.errors import MnistlabError
 from mnistlab.graphs import GraphedStep
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, which build_mlp uses
@@ -54,18 +56,13 @@ _ACT_BACKWARD = {
 _ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
 
 
-def triton_kernels(device: torch.device) -> ModuleType | None:
-    """mnistlab.kernels where a stack on `device` should use them, else None.
+def triton_kernels(arithmetic: Arithmetic) -> ModuleType | None:
+    """mnistlab.kernels where `arithmetic` asks for them (CUDA with Triton), else None.
+    Imported here, lazily: CPU runs never load Triton."""
+    if not arithmetic.triton:
+        return None
+    from mnistlab import kernels
 
-    CUDA only, and only where Triton imports (a missing or broken Triton means PyTorch ops);
-    MNISTLAB_TRITON=0 switches them off. Imported here, lazily: CPU runs never load Triton.
-    """
-    if device.type != "cuda" or os.environ.get("MNISTLAB_TRITON", "1") == "0":
-        return None
-    try:
-        from mnistlab import kernels
-    except ImportError:
-        return None
     return kernels
 
 
@@ -73,6 +70,7 @@ class Stack(Protocol):
     """What a backend reads and updates of its stack (mnistlab.stack.Stack, which holds it)."""
 
     device: torch.device
+    arithmetic: Arithmetic
     configs: list[RunConfig]
     act: str  # the activation
     layernorm: bool  # whether any model has LayerNorm
@@ -88,27 +86,27 @@ class Stack(Protocol):
     dropout_seeds: list[int]
 
 
-def cpu_kernels(device: torch.device) -> ModuleType | None:
-    """mnistlab.cpu_kernels where a stack on `device` should use them, else None.
-
-    CPU only, opt-in (MNISTLAB_CPU_FUSED=1: they change a run's dropout masks, so its
-    numbers), and only where they build here (else one line on stderr says why, once).
-    Imported here, lazily, as the Triton kernels are.
-    """
-    if device.type != "cpu" or os.environ.get("MNISTLAB_CPU_FUSED", "0") != "1":
+def cpu_kernels(arithmetic: Arithmetic) -> ModuleType | None:
+    """mnistlab.cpu_kernels where `arithmetic` asks for the fused CPU step, else None. Imported
+    here, lazily, as the Triton kernels are; `arithmetic.honour` or `requested` has checked
+    that they build here."""
+    if arithmetic.cpu_step != "fused":
         return None
     from mnistlab import cpu_kernels as kernels
 
-    return kernels if kernels.library() is not None else None
+    if kernels.library() is None:
+        raise MnistlabError("the fused CPU step was asked for and cannot be built here (see "
+                            "the line above); install g++ or set MNISTLAB_CPU_FUSED=0")
+    return kernels
 
 
 def choose(stack: Stack) -> TorchOps:
-    """The backend for `stack`: the Triton kernels where `triton_kernels` offers them, the
-    fused CPU kernels where `cpu_kernels` does, else PyTorch operators."""
-    kernels = triton_kernels(stack.device)
+    """The backend for `stack`, as its arithmetic says: the Triton kernels, the fused CPU
+    kernels, else PyTorch operators."""
+    kernels = triton_kernels(stack.arithmetic)
     if kernels is not None:
         return (TritonLayers if stack.act == "relu" else TritonKernels)(stack, kernels)
-    kernels = cpu_kernels(stack.device)
+    kernels = cpu_kernels(stack.arithmetic)
     return TorchOps(stack) if kernels is None else CpuKernels(stack, kernels)
 
 
@@ -165,8 +163,9 @@ class TorchOps:
 
     # --- hidden layers ------------------------------------------------------------------------
 
-    def dropout(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """(a · mask, mask): inverted-dropout scales drawn per model (ones where p = 0)."""
+    def dropout(self, a: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """(a · mask, mask): inverted-dropout scales drawn per model (ones where p = 0). Each
+        model's generator moves on with every draw, so each `layer` gets its own masks."""
         mask = torch.ones_like(a)
         for k, gen in enumerate(self.stack.generators):
             if self.stack.configs[k].dropout > 0:
@@ -178,7 +177,7 @@ class TorchOps:
         """Hidden layer i after its matrix product z = x W + b: (its output, its cache)."""
         s = self.stack
         a = _ACT[s.act](z)
-        u, mask = self.dropout(a) if train and i in s.dropout_layers else (a, None)
+        u, mask = self.dropout(a, i) if train and i in s.dropout_layers else (a, None)
         layer = Hidden(x, z, a, mask, u)
         if not s.layernorm:
             return u, layer
@@ -292,9 +291,9 @@ class TorchOps:
         p.addcmul_(m / denom, -lr * live / (1 - torch.pow(beta1.to(torch.float64), t)))
 
     def step_runner(self, body: Callable[..., None]) -> Callable[..., None]:
-        """`body(*inputs)` as a training step runs: replayed as a CUDA graph on CUDA (unless
-        MNISTLAB_CUDA_GRAPHS=0), with the generators it draws from registered; else `body`."""
-        if self.stack.device.type != "cuda" or os.environ.get("MNISTLAB_CUDA_GRAPHS") == "0":
+        """`body(*inputs)` as a training step runs: replayed as a CUDA graph where the stack's
+        arithmetic says so, with the generators it draws from registered; else `body`."""
+        if not self.stack.arithmetic.cuda_graphs:
             return body
         return GraphedStep(body, self.graph_generators)
 
@@ -319,8 +318,9 @@ class TritonKernels(TorchOps):
         has_ln = [c.layernorm for c in stack.configs]
         self.layernorm_on = torch.tensor(has_ln, dtype=torch.int32, device=device)
 
-    def dropout(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        return self.kernels.dropout(a, self.seeds, self.drop_p.view(-1), self.stack.adam_step)
+    def dropout(self, a: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        return self.kernels.dropout(a, self.seeds, self.drop_p.view(-1), self.stack.adam_step,
+                                    layer)
 
     def loss(self, logits: Tensor, y: Tensor, books: dict[str, Tensor]) -> Tensor:
         smoothing = None if self.smoothing is None else self.smoothing.view(-1)
@@ -344,7 +344,7 @@ class TritonLayers(TritonKernels):
         if s.layernorm:
             norm = (s.params[f"norm{i}.weight"], s.params[f"norm{i}.bias"], self.layernorm_on)
         if train and i in s.dropout_layers:
-            dropout = (self.seeds, self.drop_p.view(-1), s.adam_step)
+            dropout = (self.seeds, self.drop_p.view(-1), s.adam_step, i)
         out, scale, xhat, rstd = self.kernels.hidden_forward(z, norm, dropout, LN_EPS, train)
         return out, Hidden(x, z, z, scale, out, xhat, None, rstd)
 
@@ -386,7 +386,7 @@ class CpuKernels(TorchOps):
         self.layernorm_on = torch.tensor([c.layernorm for c in stack.configs], dtype=torch.int32)
         self.relu = stack.act == "relu"
 
-    def dropout(self, a: Tensor, layer: int = 0) -> tuple[Tensor, Tensor]:
+    def dropout(self, a: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         drop = (self.seeds, self.p, self.stack.adam_step, layer)
         out, mask, _, _ = self.kernels.hidden_forward(a, None, drop, LN_EPS, relu=False)
         return out, mask

@@ -40,7 +40,6 @@ import ctypes
 import hashlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -58,6 +57,7 @@ from torch import Tensor
 from typing_extensions import TypedDict
 
 from mnistlab import augment
+from mnistlab.arithmetic import Arithmetic, differences, honour, requested, variables
 from mnistlab.atomic import atomic_write_bytes
 from mnistlab.config import MetricRow, RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
@@ -122,34 +122,20 @@ class TrainResult:
     inputs: InputSpec
     weights: dict[str, Tensor]  # the stacked weights, on the CPU
     predictions: TestPredictions  # every model's answer for every test image
+    arithmetic: Arithmetic  # how the stack computed (mnistlab.arithmetic)
 
     def checkpoint(self, k: int) -> Checkpoint:
-        """Member k as a plain nn.Sequential, with its config, input spec and seed."""
+        """Member k as a plain nn.Sequential, with its config, input spec, seed and the
+        arithmetic that trained it."""
         config = self.members[k].config
         dim = self.inputs.shape[0] * self.inputs.shape[1]
         model = unstack_model(self.weights, k, config, dim, len(self.inputs.classes))
-        return Checkpoint(model, config, self.inputs, self.members[k].seed)
+        return Checkpoint(model, config, self.inputs, self.members[k].seed,
+                          self.arithmetic.as_dict())
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto → CUDA, then MPS, then CPU; a named device must exist here. A CUDA device gets the
-    float32 matrix products `matmul_precision` names (cuBLAS's switch is process-wide, so it is
-    set each time: MNISTLAB_TF32 decides, not whatever ran before)."""
-    device = _named_device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = matmul_precision(device) == "tf32"
-    return device
-
-
-def matmul_precision(device: torch.device | str) -> str:
-    """How float32 matrix products run on `device`: "tf32" on CUDA with MNISTLAB_TF32=1 (inputs
-    rounded to TF32's 10-bit mantissa on tensor cores, accumulation in float32: faster, other
-    numbers), else "fp32". Opt-in, so a result is exact float32 unless its env.json says not."""
-    tf32 = os.environ.get("MNISTLAB_TF32") == "1" and str(device).startswith("cuda")
-    return "tf32" if tf32 else "fp32"
-
-
-def _named_device(name: str) -> torch.device:
+    """auto → CUDA, then MPS, then CPU; a named device must exist here."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         return torch.device(next((d for d, ok in available.items() if ok), "cpu"))
@@ -162,6 +148,14 @@ def _named_device(name: str) -> torch.device:
     if device.type != "cpu" and not available[device.type]:
         raise MnistlabError(f"device '{name}' is not available on this machine; use auto or cpu")
     return device
+
+
+def _set_matmul(arithmetic: Arithmetic) -> None:
+    """cuBLAS's float32 products as `arithmetic` says: "tf32" rounds their inputs to TF32's
+    10-bit mantissa on tensor cores (faster, other numbers). The switch is process-wide, so it
+    is set for every CUDA run: the run's arithmetic decides, not whatever ran before."""
+    if arithmetic.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = arithmetic.matmul == "tf32"
 
 
 def input_spec(train: Dataset, input_norm: str) -> InputSpec:
@@ -246,7 +240,7 @@ class _Training:
     """One train() call's mutable state: exactly what a resume state file holds."""
 
     def __init__(self, splits: Splits, members: list[Member], schedule: Schedule,
-                 device: torch.device, spec: InputSpec):
+                 device: torch.device, spec: InputSpec, arithmetic: Arithmetic):
         self.members, self.schedule, self.device = members, schedule, device
         self.x, self.y = self._on_device(splits.train, spec)
         self.val = self._on_device(splits.val, spec)
@@ -266,7 +260,7 @@ class _Training:
         self._sources(spec)
         configs, seeds = [m.config for m in members], [m.seed for m in members]
         self.stack = Stack.initial(configs, seeds, self.x.shape[1], len(spec.classes), device,
-                                   self.total)
+                                   self.total, arithmetic)
         self.monitor = Monitor(configs)
         restoring = any(c.restore_best for c in configs)
         self.best = torch.zeros_like(self.stack.flat["param"]) if restoring else None
@@ -288,6 +282,7 @@ class _Training:
             "data": _digest(splits.train.images, splits.train.labels, splits.val.images,
                             splits.val.labels),
             "device": device.type,
+            "arithmetic": arithmetic.as_dict(),
         }))
 
     def _on_device(self, part: Dataset, spec: InputSpec) -> tuple[Tensor, Tensor]:
@@ -448,6 +443,7 @@ class _Training:
                 raise ValueError("the fingerprint is no table")
         except (ConfigError, ValueError) as exc:
             raise CheckpointError(f"{path}: damaged resume state metadata ({exc}); {fix}") from None
+        self._check_arithmetic(path, saved.get("arithmetic"))
         for what, mine in self.fingerprint.items():
             if saved.get(what) != mine:
                 raise MnistlabError(
@@ -460,6 +456,23 @@ class _Training:
             self._restore(tensors, progress)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: damaged resume state ({exc}); {fix}") from None
+
+    def _check_arithmetic(self, path: Path, saved: object) -> None:
+        """A state trained with other switches would resume into numbers that match neither
+        way's uninterrupted run: refused, naming the switch and its variable."""
+        mine = self.stack.arithmetic
+        if saved is None:
+            raise MnistlabError(f"{path}: this resume state does not record its arithmetic (an "
+                                "older mnistlab wrote it); finish it with that version, or "
+                                "start a new run")
+        theirs = Arithmetic.from_dict(saved, str(path))
+        changed = differences(theirs, mine)
+        if changed:
+            raise MnistlabError(
+                f"{path}: this resume state was trained with other arithmetic ("
+                f"{'; '.join(changed)}); resume with the run's own (set "
+                f"{', '.join(variables(theirs))}, or resume through `mnistlab ... --resume`, "
+                "which does so), or start a new run")
 
     def _check_progress(self, progress: Progress) -> None:
         """The progress this run could have reached: 0 <= step <= total, `since` the steps after
@@ -617,19 +630,24 @@ def train(
     resume: bool = False,
     on_record: Callable[[RecordEvent], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    arithmetic: Arithmetic | None = None,
 ) -> TrainResult:
     """Train every member on `splits` (see the module docstring for the schedule and faults).
 
     With `resume` and an existing `state_path`, continue from it; the result equals an
-    uninterrupted run's exactly. A missing state file starts from scratch.
+    uninterrupted run's exactly. A missing state file starts from scratch. `arithmetic`
+    (mnistlab.arithmetic) is how the stack computes; by default what the environment asks for
+    on the device, and an explicit one must be possible here.
     """
     members = list(members)
     _check_members(members)
     dev = resolve_device(device)
+    arithmetic = honour(arithmetic, dev, "engine.train") if arithmetic else requested(dev)
+    _set_matmul(arithmetic)
     if dev.type == "cpu":
         _keep_freed_memory()
     spec = input_spec(splits.train, members[0].config.input_norm)
-    run = _Training(splits, members, schedule, dev, spec)
+    run = _Training(splits, members, schedule, dev, spec, arithmetic)
     if resume and state_path is not None and Path(state_path).is_file():
         run.load(Path(state_path))
     start = time.perf_counter() - run.seconds
@@ -672,4 +690,5 @@ def train(
     ]
     weights = {k: v.cpu() for k, v in run.stack.params.items()}
     return TrainResult(run.rows, test, diverged, run.monitor.stopped, run.monitor.restored(),
-                       run.seconds, str(dev), members, spec, weights, _test_predictions(blocks))
+                       run.seconds, str(dev), members, spec, weights, _test_predictions(blocks),
+                       arithmetic)

@@ -14,7 +14,8 @@ and a CUDA graph (mnistlab.graphs) replays them with the matrix products.
   CUDA kernel to float32 rounding, not bit for bit (its bias corrections are exp2(t·log2 β) in
   float64).
 - `dropout`, and the dropout inside `hidden_forward`: inverted-dropout scales from a
-  counter-based Philox stream keyed by each model's dropout seed and the step number, so a
+  counter-based Philox stream keyed by each model's dropout seed, the step number and the
+  hidden layer (`_dropout_key`), so a
   model's masks depend on nothing else (not on N, not on what ran before) and need no
   generator state to save, resume or capture. They differ from the CPU path's generator
   streams: results are reproducible per device, as documented.
@@ -39,6 +40,16 @@ from torch import Tensor
 
 BLOCK = 1024
 STEP_KEY = tl.constexpr(2654435761)  # Knuth's multiplicative constant: steps → Philox keys
+# Layers → Philox keys: 2**40 is no multiple of the odd STEP_KEY, so no (step, layer) pair's key
+# equals another's for the same seed; layer 0 keeps the key it had before layers counted.
+LAYER_KEY = tl.constexpr(1 << 40)
+
+
+@triton.jit
+def _dropout_key(seed, step, layer):
+    """The Philox key of a model's dropout masks at one step and hidden layer: two dropout
+    layers of one model must not share a mask (they did when the layer was not part of it)."""
+    return seed + step.to(tl.int64) * STEP_KEY + layer.to(tl.int64) * LAYER_KEY
 
 
 @triton.jit
@@ -79,13 +90,13 @@ def _adam_kernel(param, grad, exp_avg, exp_avg_sq, hyper, rates, steps, span, fr
 
 
 @triton.jit
-def _dropout_kernel(a, out, scale, seeds, p, step, row_size, BLOCK: tl.constexpr):
+def _dropout_kernel(a, out, scale, seeds, p, step, layer, row_size, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < row_size
     at = row.to(tl.int64) * row_size + offsets
     drop = tl.load(p + row)
-    key = tl.load(seeds + row) + tl.load(step).to(tl.int64) * STEP_KEY
+    key = _dropout_key(tl.load(seeds + row), tl.load(step), layer)
     keep = tl.rand(key, offsets) >= drop
     s = tl.where(keep, tl.div_rn(1.0, 1.0 - drop), 0.0)
     tl.store(scale + at, s, mask=inside)
@@ -94,7 +105,7 @@ def _dropout_kernel(a, out, scale, seeds, p, step, row_size, BLOCK: tl.constexpr
 
 @triton.jit
 def _hidden_forward_kernel(z, out, scale, xhat, rstd, weight, bias, param_stride, layernorm,
-                           seeds, p, step, width, eps, BATCH: tl.constexpr,
+                           seeds, p, step, layer, width, eps, BATCH: tl.constexpr,
                            HAS_NORM: tl.constexpr, STATS: tl.constexpr,
                            HAS_DROPOUT: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -109,7 +120,7 @@ def _hidden_forward_kernel(z, out, scale, xhat, rstd, weight, bias, param_stride
     v = tl.where(v < 0, 0.0, v)  # ReLU that keeps NaN, so divergence still shows
     if HAS_DROPOUT:
         drop = tl.load(p + k)
-        key = tl.load(seeds + k) + tl.load(step).to(tl.int64) * STEP_KEY
+        key = _dropout_key(tl.load(seeds + k), tl.load(step), layer)
         s = tl.where(tl.rand(key, within) >= drop, tl.div_rn(1.0, 1.0 - drop), 0.0)
         tl.store(scale + at, s, mask=ok)
         v = v * s
@@ -244,18 +255,21 @@ def adam_(flat: dict[str, Tensor], hyper: Tensor, rates: Tensor, span: Tensor, f
                        rates.contiguous(), rates.shape[1], span, frozen, step, size, BLOCK=BLOCK)
 
 
-def dropout(a: Tensor, seeds: Tensor, p: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
-    """(a · scale, scale) for a (N, B, W): scale is 0 or 1/(1-p_k), drawn per model and step.
+def dropout(a: Tensor, seeds: Tensor, p: Tensor, step: Tensor, layer: int = 0
+            ) -> tuple[Tensor, Tensor]:
+    """(a · scale, scale) for a (N, B, W): scale is 0 or 1/(1-p_k), drawn per model, step and
+    hidden layer.
 
     `seeds` (N,) int64 are the models' dropout seeds, `p` (N,) their dropout rates, `step` a
-    0-dim tensor that differs from step to step (the stack's completed-step count).
+    0-dim tensor that differs from step to step (the stack's completed-step count), `layer` the
+    0-based hidden layer the dropout follows.
     """
     a = a.contiguous()
     n = a.shape[0]
     row_size = a[0].numel()
     out, scale = torch.empty_like(a), torch.empty_like(a)
     grid = (n, triton.cdiv(row_size, BLOCK))
-    _dropout_kernel[grid](a, out, scale, seeds, p, step, row_size, BLOCK=BLOCK)
+    _dropout_kernel[grid](a, out, scale, seeds, p, step, layer, row_size, BLOCK=BLOCK)
     return out, scale
 
 
@@ -316,13 +330,13 @@ def hidden_backward(d: Tensor, xhat: Tensor | None, rstd: Tensor | None,
 
 
 def hidden_forward(z: Tensor, norm: tuple[Tensor, Tensor, Tensor] | None,
-                   dropout: tuple[Tensor, Tensor, Tensor] | None, eps: float,
+                   dropout: tuple[Tensor, Tensor, Tensor, int] | None, eps: float,
                    keep_stats: bool = True,
                    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """A ReLU hidden layer after its matrix product, in one launch: (out, scale, xhat, rstd).
 
-    z (N, B, W) is the pre-activation. `dropout` = (seeds, p, step) as for `dropout` (same
-    masks); `norm` = (weight, bias, on): LayerNorm parameter views (N, 1, W) and which models
+    z (N, B, W) is the pre-activation. `dropout` = (seeds, p, step, layer) as for `dropout`
+    (same masks); `norm` = (weight, bias, on): LayerNorm parameter views (N, 1, W) and which models
     have it; the others pass their activation through. xhat/rstd feed `hidden_backward`
     (None without `keep_stats`: evaluation needs only the output).
     """
@@ -333,12 +347,12 @@ def hidden_forward(z: Tensor, norm: tuple[Tensor, Tensor, Tensor] | None,
     xhat = torch.empty_like(z) if stats else None
     rstd = z.new_empty(n, batch, 1) if stats else None
     weight, bias, on = norm if norm is not None else (z, z, z)
-    seeds, p, step = dropout if dropout is not None else (z, z, z)
+    seeds, p, step, layer = dropout if dropout is not None else (z, z, z, 0)
     rows = 16
     _hidden_forward_kernel[(n, triton.cdiv(batch, rows))](
         z.contiguous(), out, scale if scale is not None else z, xhat if xhat is not None else z,
         rstd if rstd is not None else z, weight, bias, weight.stride(0) if norm else 0, on,
-        seeds, p, step, width, eps, BATCH=batch, HAS_NORM=norm is not None, STATS=stats,
+        seeds, p, step, layer, width, eps, BATCH=batch, HAS_NORM=norm is not None, STATS=stats,
         HAS_DROPOUT=dropout is not None, ROWS=rows, BLOCK_W=triton.next_power_of_2(width),
     )
     return out, scale, xhat, rstd

@@ -75,6 +75,9 @@ class Checkpoint:
     config: RunConfig
     inputs: InputSpec
     seed: int | None = None
+    # How it was trained (mnistlab.arithmetic.Arithmetic.as_dict(): device kind, CPU step,
+    # Triton, CUDA graphs, matmul precision, torch version); None in checkpoints made without.
+    arithmetic: dict[str, str | bool | None] | None = None
 
 
 def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
@@ -84,6 +87,7 @@ def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
         "config": json.dumps(to_dict(ckpt.config)),
         "inputs": json.dumps(to_dict(ckpt.inputs)),
         "seed": json.dumps(ckpt.seed),
+        **({"arithmetic": json.dumps(ckpt.arithmetic)} if ckpt.arithmetic is not None else {}),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
     return save(tensors, metadata=meta)
@@ -135,6 +139,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config = validate(RunConfig, json_field(meta, "config"), "config")
         inputs = validate(InputSpec, json_field(meta, "inputs"), "inputs")
         seed = validate(Seed | None, json_field(meta, "seed") if "seed" in meta else None, "seed")
+        arithmetic = validate(dict[str, str | bool | None] | None,
+                              json_field(meta, "arithmetic") if "arithmetic" in meta else None,
+                              "arithmetic")
     except (ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({exc}); {fix}") from None
     problem = _weights_problem(tensors, config, inputs)
@@ -143,7 +150,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     model = build_mlp(config, inputs.shape[0] * inputs.shape[1], len(inputs.classes))
     model.load_state_dict(tensors, strict=True)
     model.eval()
-    return Checkpoint(model, config, inputs, seed)
+    return Checkpoint(model, config, inputs, seed, arithmetic)
 
 
 def _weights_problem(tensors: Mapping[str, torch.Tensor], config: RunConfig,

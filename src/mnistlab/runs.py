@@ -32,6 +32,7 @@ from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict
 
 from mnistlab._version import __version__
+from mnistlab.arithmetic import Arithmetic, requested
 from mnistlab.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mnistlab.config import MetricRow
 from mnistlab.errors import CheckpointError, ConfigError, MnistlabError
@@ -105,13 +106,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                             "(or sweep/train --resume)") from None
 
 
-def environment(extra: Mapping[str, Any] | None = None, device: str = "") -> dict[str, Any]:
-    """Versions, device, matrix-product precision and git revision: what it takes to say where a
-    number came from."""
+def environment(extra: Mapping[str, Any] | None = None, device: str = "",
+                arithmetic: Arithmetic | None = None) -> dict[str, Any]:
+    """Versions, device, the arithmetic (every switch that changes a number: mnistlab.arithmetic;
+    by default what the environment asks for on `device`) and git revision: what it takes to
+    say where a number came from."""
     import numpy
     import torch
 
-    from mnistlab.engine import matmul_precision
+    if arithmetic is None and device:
+        arithmetic = requested(torch.device(device))
 
     try:
         rev = subprocess.run(
@@ -133,7 +137,8 @@ def environment(extra: Mapping[str, Any] | None = None, device: str = "") -> dic
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
-        "matmul": matmul_precision(device),  # "tf32" where MNISTLAB_TF32=1 made it so on CUDA
+        "matmul": arithmetic.matmul if arithmetic else "fp32",  # kept flat: older readers
+        "arithmetic": arithmetic.as_dict() if arithmetic else None,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_rev": rev or None,
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -257,6 +262,25 @@ class RunDir:
 
     def write_env(self, env: Mapping[str, Any]) -> None:
         atomic_write_json(self.env_path, dict(env))
+
+    def read_env(self) -> dict[str, Any]:
+        """env.json as a table ({} where there is none); a one-line error where it is damaged."""
+        if not self.env_path.is_file():
+            return {}
+        try:
+            env = json.loads(self.env_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise MnistlabError(f"{self.env_path}: damaged ({exc}); it records how the run "
+                                "was made: restore it, or start a new run") from None
+        if not isinstance(env, dict):
+            raise MnistlabError(f"{self.env_path}: damaged (not a JSON object); restore it, or "
+                                "start a new run")
+        return env
+
+    def recorded_arithmetic(self) -> Arithmetic | None:
+        """The arithmetic env.json records (None for a run made before it was recorded)."""
+        recorded = self.read_env().get("arithmetic")
+        return None if recorded is None else Arithmetic.from_dict(recorded, str(self.env_path))
 
     def write_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         atomic_write_text(self.metrics_path, metrics_csv(rows))

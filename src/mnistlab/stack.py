@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mnistlab import schedules
+from mnistlab.arithmetic import Arithmetic, requested
 from mnistlab.backend import Hidden, choose
 from mnistlab.config import RECIPE, RunConfig, to_dict
 from mnistlab.model import build_mlp, stack_models
@@ -62,14 +63,16 @@ class Stack:
     """The parameters, Adam moments and dropout generators of N models, and their backend.
 
     `steps` is the length of the training run, which the learning-rate schedules span
-    (mnistlab.schedules; 1 for a stack that is not trained).
+    (mnistlab.schedules; 1 for a stack that is not trained). `arithmetic` picks the backend
+    (mnistlab.arithmetic; by default what the environment asks for on `device`).
     """
 
     def __init__(
         self, configs: Sequence[RunConfig], seeds: Sequence[int], weights: dict[str, Tensor],
-        device: torch.device, steps: int = 1,
+        device: torch.device, steps: int = 1, arithmetic: Arithmetic | None = None,
     ):
         self.configs, self.seeds, self.device = list(configs), list(seeds), device
+        self.arithmetic = arithmetic or requested(device)
         self.n = len(self.configs)
         arch = configs[0]
         self.depth, self.act = len(arch.hidden), arch.activation
@@ -105,7 +108,7 @@ class Stack:
     @classmethod
     def initial(
         cls, configs: Sequence[RunConfig], seeds: Sequence[int], input_dim: int, n_classes: int,
-        device: torch.device, steps: int = 1,
+        device: torch.device, steps: int = 1, arithmetic: Arithmetic | None = None,
     ) -> Stack:
         """Model k starts as `build_mlp(configs[k])` built right after `torch.manual_seed(seed)`."""
         models = []
@@ -113,7 +116,7 @@ class Stack:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 models.append(build_mlp(config, input_dim, n_classes))
-        return cls(configs, seeds, stack_models(models), device, steps)
+        return cls(configs, seeds, stack_models(models), device, steps, arithmetic)
 
     # --- forward / backward -------------------------------------------------------------------
 

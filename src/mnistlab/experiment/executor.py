@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from mnistlab import engine
+from mnistlab.arithmetic import Arithmetic
 from mnistlab.config import Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, RecordEvent, TrainResult
@@ -116,6 +117,7 @@ def train_job(
     on_record: Callable[[RecordEvent], None] | None = None,
     on_log: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    arithmetic: Arithmetic | None = None,
 ) -> JobResult:
     """Train one job's stack (continuing from `state_path` when it holds a resume state); writes
     nothing but resume states, so it can run anywhere.
@@ -128,7 +130,8 @@ def train_job(
 
     def attempt(members: list[Member], path: Path | None) -> TrainResult:
         return engine.train(splits, members, job.schedule, device=device, state_path=path,
-                            resume=True, on_record=on_record, on_log=on_log)
+                            resume=True, on_record=on_record, on_log=on_log,
+                            arithmetic=arithmetic)
 
     parts = _fitted(list(job.members), state_path, attempt, device, on_note or (lambda _: None))
     gc.collect()  # the last stack's gradients and moments (a reference cycle) before the copies
@@ -249,14 +252,16 @@ class LocalExecutor:
     def stack_size(self, trials: Sequence[Trial], splits: Splits, device: str) -> int:
         return auto_stack_size(trials, splits, device)
 
-    def run(self, jobs: Sequence[Job], splits: Splits, device: str, watch: Watcher,
-            state_path: Callable[[str], Path]) -> Iterator[tuple[Job, JobResult]]:
+    def run(self, jobs: Sequence[Job], splits: Splits, device: str, arithmetic: Arithmetic,
+            watch: Watcher, state_path: Callable[[str], Path]
+            ) -> Iterator[tuple[Job, JobResult]]:
         for i, job in enumerate(jobs):
             steps = steps_per_epoch(len(splits.train), job.schedule) * job.schedule.epochs
             watch.stack_started(i, len(jobs), job.configurations, len(job.members), steps)
             try:
                 result = train_job(job, splits, device, state_path=state_path(job.key),
-                                   on_record=watch.record, on_log=watch.log, on_note=watch.note)
+                                   on_record=watch.record, on_log=watch.log, on_note=watch.note,
+                                   arithmetic=arithmetic)
             finally:
                 watch.stack_finished()
             yield job, result

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from mnistlab.arithmetic import Arithmetic, honour, overridden, requested
 from mnistlab.board import Board
 from mnistlab.config import study_to_toml
 from mnistlab.data import Source, load, make_splits
@@ -41,8 +44,9 @@ class Executor(Protocol):
 
     def stack_size(self, trials: Sequence[Trial], splits: Splits, device: str) -> int: ...
 
-    def run(self, jobs: Sequence[Job], splits: Splits, device: str, watch: Watcher,
-            state_path: Callable[[str], Path]) -> Iterator[tuple[Job, JobResult]]: ...
+    def run(self, jobs: Sequence[Job], splits: Splits, device: str, arithmetic: Arithmetic,
+            watch: Watcher, state_path: Callable[[str], Path]
+            ) -> Iterator[tuple[Job, JobResult]]: ...
 
 
 def load_splits(experiment: Experiment, source: Source | None = None) -> Splits:
@@ -68,12 +72,18 @@ def run(
     """Run `experiment` into a new run directory under `out`, or finish the one in `resume`.
 
     Data and device come first, so a bad `--data` or `--device` leaves no half-made run
-    directory behind.
+    directory behind. The arithmetic (mnistlab.arithmetic) is resolved once, recorded in
+    env.json, and a resumed run trains with the one it recorded.
     """
     splits = load_splits(experiment, source)
     executor = executor or LocalExecutor()
     with executor.session():
-        device = executor.device(experiment.study.device)
+        recorded = resume.recorded_arithmetic() if resume is not None else None
+        asked = experiment.study.device
+        if recorded is not None and asked == "auto":
+            asked = recorded.device  # a run resumes where it trained, unless told otherwise
+        device = executor.device(asked)
+        arithmetic = _arithmetic(recorded, device, resume, watch)
         if not experiment.study.stack_size:
             size = executor.stack_size(experiment.trials(), splits, device)
             experiment = experiment.with_stack_size(size)
@@ -83,8 +93,10 @@ def run(
         watch = _AlsoLogged(watch, board)
         _notes(watch, experiment, run_dir, splits)
         run_dir.write_env(environment({"seeds": list(experiment.study.seeds),
-                                       "backend": executor.name, "command": _command()}, device))
-        train_rung = _rung_trainer(run_dir, splits, experiment, executor, device, watch, board)
+                                       "backend": executor.name, "command": _command()}, device,
+                                      arithmetic))
+        train_rung = _rung_trainer(run_dir, splits, experiment, executor, device, arithmetic,
+                                   watch, board)
         try:
             if experiment.halving:
                 outcomes, rungs = successive_halving(experiment, train_rung)
@@ -107,6 +119,23 @@ def _open(experiment: Experiment, out: Path, resume: RunDir | None) -> RunDir:
         return _new_run_dir(experiment, out)
     resume.remove_temp_files()
     return resume
+
+
+def _arithmetic(recorded: Arithmetic | None, device: str, resume: RunDir | None,
+                watch: Watcher) -> Arithmetic:
+    """What the environment asks for on `device`; for a resumed run, the arithmetic it recorded
+    (a one-line error where that cannot be had here), with a note naming any environment
+    variable that asks otherwise and is ignored. A run from before arithmetic was recorded
+    resumes with the requested one; its unfinished stacks' states are then refused."""
+    dev = torch.device(device)
+    if recorded is None or resume is None:
+        return requested(dev)
+    ignored = overridden(recorded, dev)
+    arithmetic = honour(recorded, dev, str(resume.root))
+    if ignored:
+        watch.note(f"resuming with the arithmetic the run recorded ({arithmetic.describe()}); "
+                   f"{', '.join(ignored)} does not apply to it")
+    return arithmetic
 
 
 def _command() -> str | None:
@@ -156,7 +185,7 @@ def _notes(watch: Watcher, experiment: Experiment, run_dir: RunDir, splits: Spli
 
 def _rung_trainer(
     run_dir: RunDir, splits: Splits, experiment: Experiment, executor: Executor, device: str,
-    watch: Watcher, board: Board,
+    arithmetic: Arithmetic, watch: Watcher, board: Board,
 ) -> Callable[[str, Sequence[Trial]], list[Outcome]]:
     """A function that trains trials (one rung) and returns their outcomes in plan order.
 
@@ -169,7 +198,8 @@ def _rung_trainer(
         jobs = plan(trials, experiment.study.stack_size, prefix)
         done = {job.key: Outcome(**d) for job in jobs if (d := run_dir.finished_stack(job.key))}
         todo = [job for job in jobs if job.key not in done]
-        for job, result in executor.run(todo, splits, device, watch, run_dir.state_path):
+        for job, result in executor.run(todo, splits, device, arithmetic, watch,
+                                        run_dir.state_path):
             done[job.key] = _record(run_dir, job, result)
             board.add_rows(result.outcome.rows)
             run_dir.write_metrics(latest(earlier + [done[j.key] for j in jobs

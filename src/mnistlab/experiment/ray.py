@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mnistlab.arithmetic import Arithmetic
 from mnistlab.data.dataset import Splits
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment.executor import JobResult, Watcher, train_job
@@ -78,13 +79,16 @@ def _placement(resources: dict[str, float], device: str) -> tuple[int, str]:
     return 0, "cpu" if device == "auto" else device
 
 
-def _task(splits: Splits, job: Job, device: str) -> tuple[JobResult, str]:
-    """The task body, run in a Ray worker: one job's result and the node that computed it."""
+def _task(splits: Splits, job: Job, device: str, arithmetic: Arithmetic
+          ) -> tuple[JobResult, str]:
+    """The task body, run in a Ray worker: one job's result and the node that computed it, with
+    the driver's arithmetic (a worker that cannot have it says so in one line)."""
     import ray
     import torch
 
     torch.set_num_threads(CPUS_PER_STACK)
-    return train_job(job, splits, device), ray.get_runtime_context().get_node_id()
+    result = train_job(job, splits, device, arithmetic=arithmetic)
+    return result, ray.get_runtime_context().get_node_id()
 
 
 class RayExecutor:
@@ -100,7 +104,10 @@ class RayExecutor:
         return connected(self.address)
 
     def device(self, requested: str) -> str:
-        return requested  # the workers pick it; this machine need not have it
+        """The device the tasks train on: a GPU where asked for or, with auto, where the cluster
+        has any (this machine need not have it)."""
+        with connected(self.address) as ray:
+            return _placement(ray.cluster_resources(), requested)[1]
 
     def stack_size(self, trials: Sequence[Trial], splits: Splits, device: str) -> int:
         """From the host's free memory, and small enough that every slot gets a stack: on a
@@ -117,8 +124,9 @@ class RayExecutor:
             return max(1, int(resources.get("GPU", 0)))
         return max(1, int(resources.get("CPU", 1)) // CPUS_PER_STACK)
 
-    def run(self, jobs: Sequence[Job], splits: Splits, device: str, watch: Watcher,
-            state_path: Callable[[str], Path]) -> Iterator[tuple[Job, JobResult]]:
+    def run(self, jobs: Sequence[Job], splits: Splits, device: str, arithmetic: Arithmetic,
+            watch: Watcher, state_path: Callable[[str], Path]
+            ) -> Iterator[tuple[Job, JobResult]]:
         """Send each job as a task; yield (job, result) as each finishes, in any order. Tasks
         still running when the caller stops (Ctrl-C, an error) are cancelled. Tasks keep no
         resume state (`state_path` is unused): a lost task is run again from the start."""
@@ -126,12 +134,12 @@ class RayExecutor:
             return
         with connected(self.address) as ray:
             watch.note(f"ray: {len(jobs)} stacks sent to {self.address}")
-            gpus, task_device = _placement(ray.cluster_resources(), device)
+            gpus, _ = _placement(ray.cluster_resources(), device)
             task = ray.remote(_task).options(
                 num_cpus=CPUS_PER_STACK, num_gpus=gpus, max_retries=MAX_RETRIES
             )
             data = ray.put(splits)
-            pending = {task.remote(data, job, task_device): job for job in jobs}
+            pending = {task.remote(data, job, device, arithmetic): job for job in jobs}
             try:
                 while pending:
                     (ref,), _ = ray.wait(list(pending), num_returns=1)
