@@ -54,9 +54,10 @@ def idx_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-# What ../shared/data/mnist holds, and so what tests may use: the test set, the training labels.
+# What ../shared/data/mnist holds, and so what tests may use: all of MNIST (keep their runtime
+# small: subsets of the 60,000 training digits, few epochs).
 REAL_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-              "train-labels-idx1-ubyte.gz")
+              "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 REAL_MNIST = pytest.StashKey[Path]()
 NOT_RUN = pytest.StashKey[str]()
 
@@ -66,7 +67,7 @@ def real_data(name: str, shared: Path, folder: Path) -> Path:
     the project's machines: no network needed), else `folder` with links to mnistlab's own
     verified copy, from its cache or downloaded into it, so the tests see the same files either
     way. A MnistlabError when neither is possible (offline, no copy)."""
-    if (shared / name / REAL_FILES[0]).is_file():
+    if all((shared / name / file).is_file() for file in REAL_FILES):
         return shared / name
     from mnistlab.data.sources import locate
 
@@ -103,8 +104,19 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 @pytest.fixture(scope="session")
 def mnist_dir(request: pytest.FixtureRequest) -> Path:
-    """The real MNIST test set and training labels (found at collection, see `real_data`)."""
+    """A folder holding the real MNIST, training and test sets (found at collection, see
+    `real_data`)."""
     return request.config.stash[REAL_MNIST]
+
+
+@pytest.fixture(scope="session")
+def mnist_t10k_dir(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MNIST's 10,000 test digits alone (links to its two t10k files): a source without a
+    training part, whose test part mnistlab holds out itself; small enough for quick subsets."""
+    folder = tmp_path_factory.mktemp("mnist-t10k")
+    for name in REAL_FILES[:2]:
+        (folder / name).symlink_to(mnist_dir / name)
+    return folder
 
 
 @pytest.fixture(scope="session")

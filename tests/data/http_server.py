@@ -6,6 +6,7 @@ so a hung test cannot leave it running.
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 import time
@@ -18,6 +19,9 @@ class FileServer:
     - `ignore_range`: answer every request with 200 and the whole file;
     - `cuts`: path → how many of its next answers announce the full length, send half, hang up;
     - `pause`: seconds to wait in the middle of every body (keeps concurrent clients overlapping).
+
+    `types` gives a path's Content-Type; `auth` ("user:password"), when set, is required as
+    Basic authorization (401 otherwise); `headers` records each request's (path, headers).
     """
 
     def __init__(self, files: dict[str, bytes], lifetime: float = 60.0):
@@ -26,6 +30,9 @@ class FileServer:
         self.ignore_range = False
         self.cuts: dict[str, int] = {}
         self.pause = 0.0
+        self.types: dict[str, str] = {}
+        self.auth: str | None = None
+        self.headers: list[tuple[str, dict[str, str]]] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
         self._timer = threading.Timer(lifetime, self.stop)
@@ -59,7 +66,12 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             header = self.headers.get("Range")
             data = server.files.get(self.path)
             match = None if server.ignore_range else re.fullmatch(r"bytes=(\d+)-", header or "")
-            if data is None:
+            server.headers.append((self.path, dict(self.headers.items())))
+            if server.auth is not None and self.headers.get("Authorization") != "Basic " + (
+                base64.b64encode(server.auth.encode()).decode()
+            ):
+                self._send(401, b"", {"WWW-Authenticate": 'Basic realm="index"'})
+            elif data is None:
                 self._send(404, b"")
             elif match is None:
                 self._send(200, data)
@@ -76,6 +88,8 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             server.requests.append((self.path, self.headers.get("Range"), status))
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
+            if self.path in server.types:
+                self.send_header("Content-Type", server.types[self.path])
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()

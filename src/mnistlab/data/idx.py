@@ -3,6 +3,10 @@
 The format is a 4-byte magic number (two zero bytes, element type 0x08 = unsigned byte, number of
 dimensions), one big-endian uint32 per dimension, then the bytes. Every byte is accounted for: a
 short or over-long file is an error naming the offset, never a silently misshaped array.
+
+Labels may also be QMNIST's `*-idx2-int` table (element type 0x0C, big-endian int32, one row of
+columns per image): the class is column 0. A `Layout` undoes how a published set departs from
+MNIST's conventions (EMNIST: images stored transposed, letters labelled from 1).
 """
 
 from __future__ import annotations
@@ -12,19 +16,22 @@ import math
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mnistlab.atomic import atomic_write_bytes
-from mnistlab.data.dataset import DIGITS, Dataset
+from mnistlab.data.dataset import DIGITS, MAX_CLASSES, Dataset, inferred_classes
 from mnistlab.errors import DataError
+from mnistlab.inputs import FLOOR, MAX_PAYLOAD, RATIO, payload_budget, read_input
 
 GZIP_MAGIC = b"\x1f\x8b"
 UBYTE = 0x08
+INT32 = 0x0C
+ELEMENTS = {UBYTE: np.dtype(np.uint8), INT32: np.dtype(">i4")}  # the element types read here
 IMAGES_NDIM, LABELS_NDIM = 3, 1
 REFETCH = "download the file again (or delete it so mnistlab fetches a fresh copy)"
-MAX_PAYLOAD = 1 << 30  # bytes a gzip file may decompress to: 1 GiB, 9× the largest MNIST CSV
 SLACK = 1 << 20  # decompressed beyond an IDX header's declared size, to say how much more follows
 _CHUNK = 1 << 12  # compressed bytes per step: at most ~4 MB of output (zlib's ratio is ~1000:1)
 
@@ -35,8 +42,10 @@ def cannot_read(path: str | Path, exc: OSError) -> DataError:
 
 
 def _file(path: str | Path) -> bytes:
+    """The bytes of a regular file (a FIFO or device is refused before reading: mnistlab.inputs)
+    of at most MAX_PAYLOAD bytes."""
     try:
-        return Path(path).read_bytes()
+        return read_input(path, "a data file", MAX_PAYLOAD)
     except OSError as exc:
         raise cannot_read(path, exc) from None
 
@@ -52,8 +61,14 @@ def gunzip(data: bytes, path: str | Path, limit: int | None = None,
            bound: str = "mnistlab reads") -> bytes:
     """Decompress every gzip member in `data`, stopping with a DataError past `limit` bytes of
     output (default MAX_PAYLOAD), so a gzip bomb costs no more memory than that; corruption is a
-    DataError at its byte offset. `bound` says where the limit comes from."""
+    DataError at its byte offset. `bound` says where the limit comes from. Whatever the limit,
+    the payload may not exceed the ratio cap of mnistlab.inputs (RATIO × the compressed size,
+    at least FLOOR): that is all real data ever need, where a bomb needs ~1000×."""
     limit = MAX_PAYLOAD if limit is None else limit
+    if payload_budget(len(data)) < limit:
+        limit = payload_budget(len(data))
+        bound = (f"its {len(data)} compressed bytes may hold ({RATIO}× their size, at least "
+                 f"{FLOOR >> 20} MiB; real data compress 5-10×)")
     out, size = [], 0
     for piece in _inflate(data, path):
         out.append(piece)
@@ -110,35 +125,59 @@ def _failing_byte(stream: zlib._Decompress, chunk: bytes) -> int:
     return len(chunk) - 1
 
 
-def read_array(path: str | Path, ndim: int) -> np.ndarray:
-    """The uint8 array of an IDX file (gzipped or raw) of `ndim` dimensions. A gzipped file's
-    header is read first, and the rest decompressed no further than the header declares."""
-    data = _file(path)
+@dataclass(frozen=True)
+class Layout:
+    """How a published IDX set departs from MNIST's conventions; undone on load."""
+
+    transposed: bool = False  # images stored column by column (EMNIST): transposed back
+    first_label: int = 0  # the label the files give the first class (EMNIST letters: 1)
+
+
+MNIST_LAYOUT = Layout()  # MNIST's own conventions: nothing to undo
+
+
+def read_array(path: str | Path, ndim: int, element: int = UBYTE) -> np.ndarray:
+    """The array of an IDX file (gzipped or raw) of `ndim` dimensions and `element` type. A
+    gzipped file's header is read first, and the rest decompressed no further than it declares."""
+    return _array(_file(path), path, ndim, element)
+
+
+def _array(data: bytes, path: str | Path, ndim: int, element: int) -> np.ndarray:
     if data.startswith(GZIP_MAGIC):
-        limit = min(_declared_size(data, path, ndim) + SLACK, MAX_PAYLOAD)
+        limit = min(_declared_size(data, path, ndim, element) + SLACK, MAX_PAYLOAD)
         data = gunzip(data, path, limit, "its IDX header declares")
-    return parse(data, path, ndim)
+    return parse(data, path, ndim, element)
 
 
-def _declared_size(data: bytes, path: str | Path, ndim: int) -> int:
+def _head(data: bytes, size: int) -> bytes:
+    """The first `size` payload bytes of `data`, gunzipped when it is gzip; fewer when the
+    data are too short or corrupt there (the full read then says why)."""
+    if not data.startswith(GZIP_MAGIC):
+        return data[:size]
+    try:
+        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data[:_CHUNK], size)
+    except zlib.error:
+        return b""
+
+
+def _declared_size(data: bytes, path: str | Path, ndim: int, element: int = UBYTE) -> int:
     """The payload size the IDX header at the start of gzipped `data` declares; MAX_PAYLOAD
     when the header is not readable from the first bytes (gunzip or parse then say why)."""
     header = 4 + 4 * ndim
-    try:
-        head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data[:_CHUNK], header)
-    except zlib.error:
-        return MAX_PAYLOAD
+    head = _head(data, header)
     if len(head) < header:
         return MAX_PAYLOAD
-    return header + math.prod(_dims(head, path, ndim))
+    return header + math.prod(_dims(head, path, ndim, element)) * ELEMENTS[element].itemsize
 
 
-def parse(data: bytes, path: str | Path, ndim: int) -> np.ndarray:
-    """The uint8 array held by IDX bytes of `ndim` dimensions, after checking every header field."""
+def parse(data: bytes, path: str | Path, ndim: int, element: int = UBYTE) -> np.ndarray:
+    """The array held by IDX bytes of `ndim` dimensions and `element` type (uint8, or int32 as
+    int64), after checking every header field."""
     kind = "images" if ndim == IMAGES_NDIM else "labels"
-    dims = _dims(data, path, ndim)
+    dims = _dims(data, path, ndim, element)
     header = 4 + 4 * ndim
-    end = header + math.prod(dims)
+    dtype = ELEMENTS[element]
+    end = header + math.prod(dims) * dtype.itemsize
     if len(data) != end:
         what = (
             "file ends early" if len(data) < end else f"{len(data) - end} unexpected bytes follow"
@@ -150,10 +189,11 @@ def parse(data: bytes, path: str | Path, ndim: int) -> np.ndarray:
             REFETCH,
             where=f"byte {min(len(data), end)}",
         )
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+    array = np.frombuffer(data, dtype, offset=header).reshape(dims)
+    return array.copy() if element == UBYTE else array.astype(np.int64)
 
 
-def _dims(data: bytes, path: str | Path, ndim: int) -> tuple[int, ...]:
+def _dims(data: bytes, path: str | Path, ndim: int, element: int = UBYTE) -> tuple[int, ...]:
     """The dimensions an IDX header declares, after checking its magic number and element type."""
     kind, suffix = ("images", "idx3-ubyte") if ndim == IMAGES_NDIM else ("labels", "idx1-ubyte")
     header = 4 + 4 * ndim
@@ -162,11 +202,11 @@ def _dims(data: bytes, path: str | Path, ndim: int) -> tuple[int, ...]:
         raise DataError(
             path,
             f"not an IDX {kind} file (magic number 0x{magic:08x}, expected "
-            f"0x{(UBYTE << 8) | ndim:08x})",
+            f"0x{(element << 8) | ndim:08x})",
             f"pass a *-{suffix} {kind} file",
             where="byte 0",
         )
-    if len(data) >= 4 and data[2] != UBYTE:
+    if len(data) >= 4 and data[2] != element:
         raise DataError(
             path,
             f"IDX element type 0x{data[2]:02x} is not supported (only 0x08, unsigned bytes)",
@@ -196,32 +236,48 @@ def read_images(path: str | Path) -> np.ndarray:
     return read_array(path, IMAGES_NDIM)
 
 
-def read_labels(path: str | Path, num_classes: int = len(DIGITS)) -> np.ndarray:
-    """Labels as int64 (N,) from an `*-idx1-ubyte[.gz]` file, each checked to be a class index."""
-    labels = read_array(path, LABELS_NDIM).astype(np.int64)
-    bad = np.flatnonzero(labels >= num_classes)
+def read_labels(path: str | Path, num_classes: int = len(DIGITS), first: int = 0) -> np.ndarray:
+    """Labels as int64 (N,) from an `*-idx1-ubyte[.gz]` file, or from column 0 of an
+    `*-idx2-int[.gz]` table (QMNIST), each checked to be a class index. The files label the
+    first class `first` (EMNIST letters: 1); the labels returned start at 0."""
+    data = _file(path)
+    if _head(data, 4)[2:4] == bytes([INT32, 2]):
+        table = _array(data, path, 2, INT32)
+        labels, start, stride = table[:, 0], 12, 4 * table.shape[1]
+    else:
+        labels, start, stride = _array(data, path, LABELS_NDIM, UBYTE).astype(np.int64), 8, 1
+    bad = np.flatnonzero((labels < first) | (labels >= first + num_classes))
     if bad.size:
         i = int(bad[0])
         raise DataError(
             path,
-            f"label {labels[i]} of item {i} is outside 0..{num_classes - 1}",
+            f"label {labels[i]} of item {i} is outside {first}..{first + num_classes - 1}",
             "pass the labels file that belongs to this dataset",
-            where=f"byte {8 + i}",
+            where=f"byte {start + stride * i}",
         )
-    return labels
+    return labels - first if first else labels
 
 
 def read_idx(
-    images_path: str | Path, labels_path: str | Path, classes: tuple[str, ...] = DIGITS
+    images_path: str | Path, labels_path: str | Path, classes: tuple[str, ...] | None = DIGITS,
+    layout: Layout = MNIST_LAYOUT,
 ) -> Dataset:
-    """One labelled part (train or t10k) from its images and labels files."""
-    images, labels = read_images(images_path), read_labels(labels_path, len(classes))
+    """One labelled part (train or t10k) from its images and labels files. `classes` bound the
+    labels; None: nothing names them, so they are "0".."K-1", K the highest label + 1. `layout`
+    says how the files depart from MNIST's conventions (EMNIST's images are stored transposed:
+    they come back upright)."""
+    num_classes = MAX_CLASSES if classes is None else len(classes)
+    images = read_images(images_path)
+    labels = read_labels(labels_path, num_classes, layout.first_label)
+    if layout.transposed:
+        images = np.ascontiguousarray(images.transpose(0, 2, 1))
     if len(images) != len(labels):
         raise DataError(
             labels_path,
             f"{len(labels)} labels for {len(images)} images in {images_path}",
             "pass the images and labels files of the same split",
         )
+    classes = inferred_classes(labels) if classes is None else classes
     return Dataset(images, labels, classes, origin=str(images_path))
 
 

@@ -2,6 +2,12 @@
 
 A directory may hold an IDX set (train-*/t10k-* images and labels, gzipped or raw), a CSV pair
 (Kaggle train.csv + test.csv, or mnist_train.csv + mnist_test.csv), a single CSV or an .npz.
+
+Classes: a registered dataset names its own (digits, Fashion-MNIST's clothes, ...), and so does
+an .npz that holds a `classes` array. Anything else has "0".."K-1", K = the highest label of its
+labelled parts + 1 (47 for labels 0..46; a class no image has below the highest still counts),
+so the output layer, metrics and plots follow the data; labels are then 0..255. A label beyond
+the named classes is a one-line error naming the file, the place and the range.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ import zlib
 from pathlib import Path
 
 from mnistlab.data.csv import read_csv
-from mnistlab.data.dataset import DIGITS, Dataset, Source
-from mnistlab.data.idx import GZIP_MAGIC, cannot_read, read_idx
+from mnistlab.data.dataset import Dataset, Source, share_classes
+from mnistlab.data.idx import GZIP_MAGIC, MNIST_LAYOUT, Layout, cannot_read, read_idx
 from mnistlab.data.npz import read_npz
 from mnistlab.errors import DataError, MnistlabError
+from mnistlab.inputs import not_regular, open_input
 
-IDX_NAME = re.compile(r"(train|t10k)-(images|labels)[.-]idx[13]-ubyte(\.gz)?")
+# labels: idx1-ubyte, or QMNIST's idx2-int table
+IDX_NAME = re.compile(r"(train|t10k)-(images|labels)[.-]idx(?:[13]-ubyte|2-int)(\.gz)?")
 CSV_PAIRS = (("train.csv", "test.csv"), ("mnist_train.csv", "mnist_test.csv"))
 EXPECTED = (
     "IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz and/or the t10k- "
@@ -29,7 +37,7 @@ def _sniff(path: Path) -> str:
     """Which reader fits: "npz", "npy", "idx" or "csv", from the first (gunzipped) bytes, not
     the name."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path, "a data file") as f:
             head = f.read(512)
     except OSError as exc:
         raise cannot_read(path, exc) from None
@@ -45,7 +53,7 @@ def _sniff(path: Path) -> str:
     return "idx" if head[:3] == b"\0\0\x08" else "csv"
 
 
-def _load_file(path: Path, classes: tuple[str, ...]) -> Parts:
+def _load_file(path: Path, classes: tuple[str, ...] | None) -> Parts:
     kind = _sniff(path)
     if kind == "npz":
         return read_npz(path, classes)
@@ -88,17 +96,21 @@ def _idx_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
     return pairs
 
 
-def _load_idx(pairs: dict[str, tuple[Path, Path]], classes: tuple[str, ...]) -> Parts:
-    parts = {s: read_idx(images, labels, classes) for s, (images, labels) in pairs.items()}
+def _load_idx(
+    pairs: dict[str, tuple[Path, Path]], classes: tuple[str, ...] | None, layout: Layout
+) -> Parts:
+    parts = {
+        s: read_idx(images, labels, classes, layout) for s, (images, labels) in pairs.items()
+    }
     if "train" in parts:
         return parts["train"], parts.get("t10k")
     return parts["t10k"], None  # a test set alone is the one labelled part; Splits hold out a test
 
 
-def _load_dir(directory: Path, classes: tuple[str, ...]) -> Parts:
+def _load_dir(directory: Path, classes: tuple[str, ...] | None, layout: Layout) -> Parts:
     pairs = _idx_pairs(directory)
     if pairs:
-        return _load_idx(pairs, classes)
+        return _load_idx(pairs, classes, layout)
     for train_name, test_name in CSV_PAIRS:
         if (directory / train_name).is_file() and (directory / test_name).is_file():
             return read_csv(directory / train_name, classes), read_csv(
@@ -120,14 +132,20 @@ def _load_dir(directory: Path, classes: tuple[str, ...]) -> Parts:
 
 
 def load_path(
-    path: str | Path, *, name: str | None = None, classes: tuple[str, ...] = DIGITS
+    path: str | Path, *, name: str | None = None, classes: tuple[str, ...] | None = None,
+    layout: Layout = MNIST_LAYOUT,
 ) -> Source:
-    """The Source held by a file or directory; `name` defaults to the path's, classes to digits."""
+    """The Source held by a file or directory; `name` defaults to the path's. `classes` are the
+    names a registry gives; None: the file's own (.npz `classes`) or "0".."K-1" from the labels
+    (see the module's docstring). `layout`: how a registered set's IDX files depart from MNIST's
+    (EMNIST's transposed images, letters labelled from 1), undone on load."""
     path = Path(path)
     if path.is_dir():
-        train, test = _load_dir(path, classes)
+        train, test = _load_dir(path, classes, layout)
     elif path.is_file():
         train, test = _load_file(path, classes)
+    elif path.exists():  # a FIFO, a device, a socket: reading it could wait or never end
+        raise not_regular(path, path.stat().st_mode, "a data file or folder")
     else:
         raise DataError(path, "no such file or directory", "check the path")
     if test is not None and test.images.shape[1:] != train.images.shape[1:]:
@@ -136,7 +154,7 @@ def load_path(
             f"images are {_shape(test)} but the training images are {_shape(train)}",
             "use train and test files of the same dataset",
         )
-    return Source(name or path.name, train, test)
+    return Source(name or path.name, *share_classes(train, test))
 
 
 def load(source: str | Path, *, download: bool = True, progress: bool = True) -> Source:
@@ -146,12 +164,16 @@ def load(source: str | Path, *, download: bool = True, progress: bool = True) ->
     if isinstance(source, str) and source in sources.REGISTRY:
         info = sources.REGISTRY[source]
         directory = sources.locate(source, download=download, progress=progress)
-        return load_path(directory, name=info.name, classes=tuple(info.classes))
+        return load_path(directory, name=info.name, classes=tuple(info.classes),
+                         layout=info.layout)
     if Path(source).exists():
         return load_path(source)
+    from mnistlab.suggest import did_you_mean
+
     raise MnistlabError(
         f"{source}: neither a known dataset ({', '.join(sorted(sources.REGISTRY))}) "
-        "nor an existing file or folder; pass a dataset name or a path that exists"
+        f"nor an existing file or folder{did_you_mean(str(source), sources.REGISTRY)}; pass a "
+        "dataset name or a path that exists"
     )
 
 

