@@ -60,9 +60,9 @@ def _train(config: RunConfig, data: Dataset, seed: int, steps: int) -> Checkpoin
 
 
 @pytest.fixture(scope="module")
-def data(mnist_dir) -> tuple[Dataset, Dataset]:
+def data(mnist_t10k_dir) -> tuple[Dataset, Dataset]:
     """(training part, held-out part) of the real MNIST test set."""
-    full = load(mnist_dir, progress=False).train
+    full = load(mnist_t10k_dir, progress=False).train
     return full.subset(np.arange(8000)), full.subset(np.arange(8000, 10000), origin="t10k[8000:]")
 
 
@@ -204,8 +204,8 @@ def test_format_evaluation_shows_every_table(checkpoint, data):
     assert "\x1b[" not in text  # plain text, no terminal escape codes
 
 
-def test_evaluate_a_checkpoint(checkpoint, mnist_dir, tmp_path):
-    scored = ml.evaluate(checkpoint, data=str(mnist_dir), plots=tmp_path)
+def test_evaluate_a_checkpoint(checkpoint, mnist_t10k_dir, tmp_path):
+    scored = ml.evaluate(checkpoint, data=str(mnist_t10k_dir), plots=tmp_path)
     # MNIST's t10k alone has no test part: scored on its training part, and the note says so.
     assert "no labelled test part" in scored.note and "(10000 images)" in scored.data
     assert scored.evaluation.support.sum() == 10000
@@ -216,9 +216,9 @@ def test_evaluate_a_checkpoint(checkpoint, mnist_dir, tmp_path):
             assert image.format == "PNG" and image.width > 300 and image.height > 300
 
 
-def test_evaluate_cli(checkpoint, mnist_dir, tmp_path):
+def test_evaluate_cli(checkpoint, mnist_t10k_dir, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(mnist_dir),
+    ok = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(mnist_t10k_dir),
                              "--out", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     assert "confusion matrix" in ok.output and "no labelled test part" in ok.output
@@ -232,12 +232,12 @@ def test_evaluate_cli(checkpoint, mnist_dir, tmp_path):
     assert nowhere.exit_code == 2 and "no such file or run directory" in nowhere.output
 
 
-def test_evaluate_json_says_what_the_text_says(checkpoint, mnist_dir, tmp_path):
-    args = ["evaluate", str(checkpoint), "--data", str(mnist_dir), "--out", str(tmp_path)]
+def test_evaluate_json_says_what_the_text_says(checkpoint, mnist_t10k_dir, tmp_path):
+    args = ["evaluate", str(checkpoint), "--data", str(mnist_t10k_dir), "--out", str(tmp_path)]
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    scored = ml.evaluate(checkpoint, data=str(mnist_dir), plots=tmp_path)
+    scored = ml.evaluate(checkpoint, data=str(mnist_t10k_dir), plots=tmp_path)
     ev = scored.evaluation
     assert (record["model"], record["data"], record["note"]) == (scored.model, scored.data,
                                                                  scored.note)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, NamedTuple
 
@@ -23,7 +23,7 @@ from safetensors.numpy import save
 
 from mnistlab.data import Dataset
 from mnistlab.errors import CheckpointError, ConfigError, DataError
-from mnistlab.model import Checkpoint, json_field, read_safetensors
+from mnistlab.model import Checkpoint, finite_outputs, json_field, read_safetensors
 from mnistlab.validation import Text, validate
 
 PREDICTIONS_FORMAT = "mnistlab-predictions/1"
@@ -210,9 +210,11 @@ def logits(ckpt: Checkpoint, images: np.ndarray, batch_size: int = 4096) -> torc
 
 
 def predictions(ckpt: Checkpoint, dataset: Dataset, worst: int = WORST) -> Predictions:
-    """The checkpoint's answers on a labelled `dataset`."""
+    """The checkpoint's answers on a labelled `dataset`, its classes named as the model names
+    them: data whose classes were inferred from their labels may lack the model's last ones."""
     _check(ckpt, dataset)
-    probs = logits(ckpt, dataset.images).softmax(dim=1)
+    dataset = replace(dataset, classes=tuple(ckpt.inputs.classes))
+    probs = finite_outputs(ckpt, logits(ckpt, dataset.images).softmax(dim=1))
     probability, predicted = probs.max(dim=1)
     labels = torch.as_tensor(dataset.labels)
     true = probs.gather(1, labels.view(-1, 1)).flatten() if len(labels) else probability

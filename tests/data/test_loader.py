@@ -12,6 +12,7 @@ import pytest
 import mnistlab.data
 from mnistlab.data import csv, describe, idx, load, load_path, make_splits, npz
 from mnistlab.data.dataset import DIGITS
+from mnistlab.data.idx import MNIST_LAYOUT
 from mnistlab.errors import DataError, MnistlabError
 
 
@@ -140,7 +141,8 @@ def fake_sources(monkeypatch, idx_dir):
         calls.append((name, download, progress))
         return idx_dir
 
-    info = types.SimpleNamespace(name="fashion-mnist", classes=tuple(f"c{i}" for i in range(10)))
+    info = types.SimpleNamespace(name="fashion-mnist", classes=tuple(f"c{i}" for i in range(10)),
+                                 layout=MNIST_LAYOUT)
     fake = types.SimpleNamespace(REGISTRY={"fashion-mnist": info}, locate=locate, calls=calls)
     monkeypatch.setattr(mnistlab.data, "sources", fake, raising=False)
     return fake
@@ -184,8 +186,17 @@ def test_describe(tmp_path, make_dataset):
     assert "  labels: none (unlabelled)" in text and text.count("nulls found: 0") == 2
 
 
-def test_real_mnist_folder_holds_out_a_test_part(mnist_dir):
-    source = load_path(mnist_dir)  # t10k pair plus a lone train-labels file
+def test_real_mnist_folder(mnist_dir):
+    source = load_path(mnist_dir, name="mnist", classes=tuple("0123456789"))
+    assert (len(source.train), len(source.test)) == (60000, 10000)
+    assert source.test.class_counts()["5"] == 892 and source.train.class_counts()["1"] == 6742
+
+
+def test_real_mnist_test_set_alone_holds_out_a_test_part(mnist_dir, tmp_path):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                 "train-labels-idx1-ubyte.gz"):
+        (tmp_path / name).symlink_to(mnist_dir / name)
+    source = load_path(tmp_path)  # t10k pair plus a lone train-labels file
     assert len(source.train) == 10000 and source.test is None
     assert "  rows: 10000" in describe(source) and "test: none" in describe(source)
     splits = make_splits(source)
@@ -205,11 +216,15 @@ def test_cli_data_check(idx_dir, tmp_path):
 
     result = CliRunner().invoke(app, ["data", "check", str(idx_dir)])
     assert result.exit_code == 0 and "  rows: 30" in result.stdout and "  rows: 20" in result.stdout
+    thirteen = tmp_path / "thirteen.csv"  # nothing names its classes: labels 0..12 are 13
+    thirteen.write_text("label,pixel0\n3,0\n12,0\n")
+    result = CliRunner().invoke(app, ["data", "check", str(thirteen)])
+    assert result.exit_code == 0 and "  labels: yes, 13 classes" in result.stdout
     bad = tmp_path / "bad.csv"
-    bad.write_text("label,pixel0\n3,0\n12,0\n")
+    bad.write_text("label,pixel0\n3,0\n300,0\n")
     result = CliRunner().invoke(app, ["data", "check", str(bad)])
     assert result.exit_code == 2
     assert (
         result.stderr
-        == f"error: {bad}:line 3, column 1: label 12 is outside 0..9; use class indices 0..9\n"
+        == f"error: {bad}:line 3, column 1: label 300 is outside 0..255; use class indices 0..255\n"
     )

@@ -12,8 +12,10 @@ to name the first offending line and column.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from mnistlab.atomic import atomic_write_bytes
-from mnistlab.data.dataset import DIGITS, Dataset
+from mnistlab.data.dataset import DIGITS, MAX_CLASSES, Dataset, inferred_classes
 from mnistlab.data.idx import read_bytes
 from mnistlab.errors import DataError
 
@@ -31,6 +33,7 @@ NULLS = frozenset({"na", "nan", "null", "none", "n/a"})
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _HEADER_START = re.compile(r"label|pixel\d+|\d+x\d+")
 _BLOCK = 2048  # rows per NumPy parse: big enough to be fast, small enough to re-check cheaply
+_SLICE = 1 << 20  # characters split into lines at a time (`_rows`)
 LAYOUT_HELP = (
     "use the Kaggle header (label,pixel0,...,pixel783), the MNIST-in-CSV header "
     "(label,1x1,...,28x28) or no header"
@@ -211,26 +214,49 @@ def _decode(data: bytes, path: str | Path) -> str:
         ) from None
 
 
-def read_csv(path: str | Path, classes: tuple[str, ...] = DIGITS) -> Dataset:
-    """A Dataset from any supported CSV layout, gzipped or not; no label column: labels None."""
-    lines = _decode(read_bytes(path), path).split("\n")
-    rows = [(n, line.rstrip("\r")) for n, line in enumerate(lines, 1) if line.strip()]
-    if not rows:
+def _rows(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of every non-blank line of `text`, split a slice of about _SLICE
+    characters at a time: the lines held at once stay few however many the file has (a list
+    of every line costs ~100 bytes a line, 50× a file of short lines)."""
+    lineno, start = 0, 0
+    while start < len(text):
+        end = text.find("\n", start + _SLICE)
+        end = len(text) if end < 0 else end + 1
+        lines = text[start:end].split("\n")
+        if text[end - 1] == "\n":
+            lines.pop()  # the empty rest after the slice's last newline: no line of its own
+        for line in lines:
+            lineno += 1
+            if line.strip():
+                yield lineno, line.rstrip("\r")
+        start = end
+
+
+def read_csv(path: str | Path, classes: tuple[str, ...] | None = DIGITS) -> Dataset:
+    """A Dataset from any supported CSV layout, gzipped or not; no label column: labels None.
+
+    `classes` bound the labels; None: nothing names them, so they are "0".."K-1", K the highest
+    label + 1 (an unlabelled file then has no classes: its reader's caller gives it some).
+    """
+    num_classes = MAX_CLASSES if classes is None else len(classes)
+    rows = _rows(_decode(read_bytes(path), path))
+    first = next(rows, None)
+    if first is None:
         raise DataError(path, "file is empty", "pass a CSV with one image per row")
-    layout = detect_layout(rows[0][1], path, rows[0][0])
-    rows = rows[layout.first_row :]
-    if not rows:
+    layout = detect_layout(first[1], path, first[0])
+    if not layout.first_row:
+        rows = itertools.chain([first], rows)
+    blocks = []
+    while block := list(itertools.islice(rows, _BLOCK)):
+        blocks.append(_parse_block(block, layout, num_classes, path))
+    if not blocks:
         raise DataError(
             path, "file has a header but no data rows", "pass a CSV with one image per row"
         )
-    values = np.concatenate(
-        [
-            _parse_block(rows[i : i + _BLOCK], layout, len(classes), path)
-            for i in range(0, len(rows), _BLOCK)
-        ]
-    )
+    values = np.concatenate(blocks)
     labels = values[:, 0].astype(np.int64) if layout.labelled else None
     images = values[:, int(layout.labelled) :].reshape(-1, layout.side, layout.side)
+    classes = inferred_classes(labels) if classes is None else classes
     return Dataset(np.ascontiguousarray(images), labels, classes, origin=str(path))
 
 

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from mnistlab.errors import DataError
 
 DIGITS = tuple(str(d) for d in range(10))
+# Classes a source may have when nothing names them: labels are then bytes (IDX, CSV) 0..255.
+MAX_CLASSES = 256
+
+
+def class_names(n: int) -> tuple[str, ...]:
+    """Names for `n` classes that nothing names: "0", "1", ... "n-1" (the label values)."""
+    return tuple(str(i) for i in range(n))
+
+
+def inferred_classes(*labels: np.ndarray | None) -> tuple[str, ...]:
+    """The classes of data whose source does not name them: highest label + 1 over every
+    labelled part (train and test together, so both parts share one class list), named by
+    `class_names`. A part without labels adds nothing; no labels at all give ()."""
+    top = max((int(part.max()) for part in labels if part is not None and len(part)), default=-1)
+    return class_names(top + 1)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images as uint8 (N, H, W), labels as int64 (N,) or None when unlabelled (Kaggle test.csv)."""
+    """Images as uint8 (N, H, W), labels as int64 (N,) or None when unlabelled (Kaggle test.csv).
+
+    `classes` names the classes in label order; every label indexes it. Readers decide it (see
+    `mnistlab.data.loader`): the source's own names, or "0".."K-1" from the labels.
+    """
 
     images: np.ndarray
     labels: np.ndarray | None
@@ -29,6 +48,11 @@ class Dataset:
             self.labels.dtype != np.int64 or self.labels.shape != (len(self.images),)
         ):
             raise ValueError("labels must be int64 with one label per image")
+        if self.labels is not None and len(self.labels) and not (
+            self.labels.min() >= 0 and self.labels.max() < len(self.classes)
+        ):
+            raise ValueError(f"labels must index the {len(self.classes)} classes, got "
+                             f"{self.labels.min()}..{self.labels.max()}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -51,6 +75,16 @@ class Source:
     name: str
     train: Dataset
     test: Dataset | None = None
+
+
+def share_classes(train: Dataset, test: Dataset | None) -> tuple[Dataset, Dataset | None]:
+    """A source's parts with one class list. Parts read with the same declared names already
+    agree; parts whose classes were inferred from their own labels (or an unlabelled part, which
+    has none) get the classes inferred from both parts' labels together."""
+    if test is None or test.classes == train.classes:
+        return train, test
+    classes = inferred_classes(train.labels, test.labels)
+    return replace(train, classes=classes), replace(test, classes=classes)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 from mnistlab import claims, stats
 from mnistlab.config import SCHEDULE_FIELDS, to_dict
 from mnistlab.data.dataset import Splits
+from mnistlab.data.identity import is_dataset
 from mnistlab.evaluation import Predictions
 from mnistlab.experiment.executor import Outcome, steps_per_epoch
 from mnistlab.experiment.halving import ETA, rank
@@ -67,7 +68,7 @@ def summarize(experiment: Experiment, run_dir: RunDir, splits: Splits,
         "steps_per_epoch": steps_per_epoch(len(splits.train), study.schedule),
         "runs": runs,
         **statistics,
-        "claims": _claims(configs, statistics["configs"], rows, comparer),
+        "claims": _claims(configs, statistics["configs"], rows, comparer, study.data),
     }
     if experiment.sweep is not None:
         summary["sweep"] = _sweep_section(experiment, summary, len(outcomes), rungs, backend)
@@ -86,15 +87,18 @@ def _correct(run_dir: RunDir, runs: Sequence[dict]) -> dict[str, np.ndarray]:
 
 
 def _claims(configs: dict[str, dict], entries: list[dict], rows: list[dict],
-            comparer: stats.Comparer) -> list[dict[str, str]] | None:
-    """The seed study's claims with verdicts, when its five presets are in the run."""
+            comparer: stats.Comparer, data: str) -> list[dict[str, Any]] | None:
+    """The seed study's claims with verdicts, when its five presets are in the run, each saying
+    which data judged it and whether that is MNIST (by name, or a folder of its published
+    files: mnistlab.data.identity), the data the seed made them on."""
     if not claims.applies(configs):
         return None
     convergence = {}
     for name in configs:
         steps, mean, _, _ = stats.seed_band(rows, name, "val", "accuracy")
         convergence[name] = stats.convergence_step(steps, mean)
-    return claims.check(entries, comparer.pair, convergence)
+    return claims.check(entries, comparer.pair, convergence, data,
+                        is_dataset(data, claims.SEED_DATA))
 
 
 def _single_rung(experiment: Experiment, outcomes: Sequence[Outcome]) -> dict[str, Any]:

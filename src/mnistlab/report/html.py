@@ -31,6 +31,9 @@ class Figures:
     sweep: Sequence[Figure] = ()  # a sweep's heat map
     curves: Sequence[tuple[str, Path, Path]] = ()  # per configuration: (name, loss, accuracy)
     winner: Sequence[Figure] = ()  # the winner's confusion matrix and worst errors
+    # The winner's scores per class, summed over its seeds: (class, precision, recall, F1,
+    # support) rows, one per class of the data however many.
+    per_class: Sequence[tuple[str, float, float, float, int]] = ()
 
 CSS = """
 body { font: 15px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em;
@@ -53,6 +56,7 @@ figcaption { font-size: 13px; color: #555; }
 .lede { font-size: 16px; margin: 0.3em 0 0.8em; }
 footer { margin-top: 3em; border-top: 1px solid #ccc; font-size: 13px; color: #555; }
 code { background: #f4f4f4; padding: 1px 4px; }
+.wide { overflow-x: auto; max-width: 100%; }
 """
 
 
@@ -132,9 +136,13 @@ def reading(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> li
         return ["No configuration has a finite validation accuracy: every run diverged."]
     v, t = configs[best]["final_val_accuracy"], configs[best]["test_accuracy"]
     seeds = f"{v['n']} seed{'s' * (v['n'] != 1)}"
-    text = [f"{best} has the highest mean final validation accuracy, {mean_ci(v)} over {seeds}, "
-            f"and is the winner; its test accuracy, scored once, is {mean_ci(t)}."]
-    text += _margin_sentences(summary)
+    if len(configs) == 1:  # one configuration: nothing was chosen, nothing to compare
+        text = [f"{best} ends with a final validation accuracy of {mean_ci(v)} over {seeds}; "
+                f"its test accuracy, scored once, is {mean_ci(t)}."]
+    else:
+        text = [f"{best} has the highest mean final validation accuracy, {mean_ci(v)} over "
+                f"{seeds}, and is the winner; its test accuracy, scored once, is {mean_ci(t)}."]
+        text += _margin_sentences(summary)
     text += [_overfit_sentence(configs), _convergence_sentence(configs, rows, summary)]
     text += [_divergence_sentence(summary["runs"])]
     return [t for t in text if t]
@@ -178,13 +186,34 @@ def _p_text(p: float, replicates: int) -> str:
     return shown if shown.startswith("<") else f"= {shown}"
 
 
+OVERFIT_GAP = 0.005  # a train − val gap below half a point is noise, not overfitting
+
+
+def _real_gap(gap: Mapping[str, Any]) -> bool:
+    """Whether a train − val gap (stats.describe over seeds) is overfitting: at least
+    OVERFIT_GAP, and with two or more seeds its 95% interval above 0."""
+    if not math.isfinite(gap["mean"]) or gap["mean"] < OVERFIT_GAP:
+        return False
+    return not math.isfinite(gap.get("ci_low", math.nan)) or gap["ci_low"] > 0
+
+
 def _overfit_sentence(configs: Mapping[str, Mapping[str, Any]]) -> str:
-    """Training accuracy is measured in train mode (dropout on), so a negative gap is common."""
+    """Training accuracy is measured in train mode (dropout on), so a negative gap is common.
+    A configuration is said to overfit only when its gap is real (`_real_gap`)."""
     gaps = {name: c["train_val_gap"]["mean"] for name, c in configs.items()
             if math.isfinite(c["train_val_gap"]["mean"])}
     if not gaps:
         return ""
     worst = max(gaps, key=gaps.get)
+    if len(gaps) == 1:
+        if not _real_gap(configs[worst]["train_val_gap"]):
+            return (f"No sign of overfitting: the final training accuracy (train mode) is "
+                    f"{points(gaps[worst])} from the validation accuracy.")
+        return (f"{worst} overfits: at the end its training accuracy is {points(gaps[worst])} "
+                "above its validation accuracy.")
+    if not _real_gap(configs[worst]["train_val_gap"]) and gaps[worst] > 0:
+        return (f"No configuration overfits clearly: the largest gap between final training "
+                f"and validation accuracy, {worst}'s, is {points(gaps[worst])}, within noise.")
     if gaps[worst] <= 0:
         return (f"No configuration overfits: every final training accuracy (train mode, mean "
                 f"since the previous record) is at or below the validation accuracy; the largest "
@@ -250,11 +279,20 @@ def _overview(summary: Mapping[str, Any], study: StudyConfig | None) -> str:
 
 
 def _config_table(configs: Sequence[Mapping[str, Any]]) -> str:
+    """Every configuration field, one row each (its name a row header), one column per
+    configuration: a column per field would be wider than a screen. The fields that differ
+    between configurations come first; a long row of configurations scrolls in its box."""
     fields: list[str] = []
     for c in configs:
         fields += [f for f in c["config"] if f not in fields and f != "name"]
-    rows = [[c["run"], *(number(c["config"].get(f)) for f in fields)] for c in configs]
-    return table(["configuration", *fields], rows)
+    differ = [f for f in fields if len({number(c["config"].get(f)) for c in configs}) > 1]
+    head = "".join(f"<th>{escape(str(c['run']))}</th>" for c in configs)
+    body = "".join(
+        f"<tr><th>{escape(f)}</th>"
+        + "".join(f"<td>{escape(number(c['config'].get(f)))}</td>" for c in configs) + "</tr>"
+        for f in [*differ, *(f for f in fields if f not in differ)])
+    return (f'<div class="wide"><table><thead><tr><th>configuration</th>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _stats_table(configs: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]],
@@ -286,22 +324,36 @@ def _comparison_table(comparisons: Mapping[str, Any]) -> str:
              p_value(p["p_holm"], n), "yes" if p["significant"] else "no",
              number(p["p_a_beats_b"]), _mcnemar(p["mcnemar"])]
             for p in comparisons["pairs"]]
-    return table(["pair (a − b)", "test accuracy difference", "95% interval", "p (bootstrap)",
-                  "p (Holm)", "significant", "P(a > b)", "McNemar per seed pair"], rows)
+    return table(["pair (a − b)", "test accuracy difference", "95% interval (bootstrap)",
+                  "p: a = b (paired bootstrap)", "p after Holm (over the pairs)",
+                  "significant: Holm p < α", "P(a seed of a beats one of b)",
+                  "McNemar per seed pair: pairs with p < 0.05 (uncorrected)"], rows)
 
 
 def _mcnemar(tests: Sequence[Mapping[str, Any]]) -> str:
-    """'3 of 3 p < 0.05 (p 0.001, 0.02, 0.04)' over the seed pairs."""
+    """'3 of 3 (p 0.001, 0.02, 0.04)': the seed pairs whose McNemar p is under 0.05."""
     if not tests:
         return "–"
     low = sum(t["p"] < 0.05 for t in tests)
-    return (f"{low} of {len(tests)} p < 0.05 "
-            f"({', '.join(p_value(t['p']) for t in tests)})")
+    return f"{low} of {len(tests)} (p {', '.join(p_value(t['p']) for t in tests)})"
 
 
-def _claims_table(claims: Sequence[Mapping[str, str]]) -> str:
-    return table(["the seed study's claim", "verdict", "evidence"],
-                 [[c["claim"], c["verdict"], c["evidence"]] for c in claims], kind="words")
+def _claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
+    """Which data judged the claims (summaries written before they said so: nothing), then the
+    claims with their verdicts."""
+    data = claims[0].get("data")
+    if data is None:
+        judged = ""
+    elif claims[0].get("on_seed_data"):
+        judged = (f"<p>Judged on {escape(str(data))}: MNIST, the data the seed study made "
+                  "them on.</p>")
+    else:
+        judged = (f"<p>Judged on {escape(str(data))}. The seed study made these claims on "
+                  "MNIST: here the comparisons say whether its findings hold on this data, and "
+                  "its “about 90 %”, a figure about MNIST, is not judged.</p>")
+    return judged + table(["the seed study's claim", "verdict", "evidence"],
+                          [[c["claim"], c["verdict"], c["evidence"]] for c in claims],
+                          kind="words")
 
 
 def _method(summary: Mapping[str, Any]) -> str:
@@ -328,11 +380,12 @@ def _lede(summary: Mapping[str, Any], study: StudyConfig | None) -> str:
     configs, seeds = len(summary["configs"]), len(summary["seeds"])
     epochs = f", {study.schedule.epochs} epochs" if study is not None else ""
     winner = summary["selection"]["winner"]
+    chosen = (f" Winner, chosen on validation: <strong>{escape(str(winner))}</strong>."
+              if configs > 1 else "")
     return (f'<p class="lede">{configs} configuration{"s" * (configs != 1)} × {seeds} '
             f"seed{'s' * (seeds != 1)} on {escape(str(summary.get('data')))} ({images} "
             f"train/validation/test images){epochs}, {escape(str(summary.get('device')))}, "
-            f"{summary.get('seconds', math.nan):.0f} s of training. Winner, chosen on "
-            f"validation: <strong>{escape(str(winner))}</strong>.</p>")
+            f"{summary.get('seconds', math.nan):.0f} s of training.{chosen}</p>")
 
 
 def _curves(curves: Sequence[tuple[str, Path, Path]]) -> list[str]:
@@ -378,14 +431,24 @@ def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], f
     ]
     if extra or figures.sweep:
         parts += ["<h2>Sweep</h2>", *extra, *(_figure(c, p) for c, p in figures.sweep)]
-    parts += ["<h2>Comparison</h2>", *(_figure(c, p) for c, p in figures.comparison),
-              _method(summary), _comparison_table(summary["comparisons"])]
+    if len(summary["configs"]) > 1:  # one configuration: nothing to compare
+        parts += ["<h2>Comparison</h2>", *(_figure(c, p) for c, p in figures.comparison),
+                  _method(summary), _comparison_table(summary["comparisons"])]
     if summary.get("claims"):
         parts += ["<h2>The seed study's claims</h2>", _claims_table(summary["claims"])]
-    parts += ["<h2>Learning curves per configuration</h2>", *_curves(figures.curves)]
+    single = len(summary["configs"]) == 1
+    parts += ["<h2>Learning curves" + ("" if single else " per configuration") + "</h2>",
+              *_curves(figures.curves)]
+    who = "The model" if single and len(summary["seeds"]) == 1 else (
+        "The configuration" if single else "The winner")
     if figures.winner:
-        parts += ["<h2>The winner on the test set</h2>",
+        parts += [f"<h2>{who} on the test set</h2>",
                   *(_figure(c, p) for c, p in figures.winner)]
+    if figures.per_class:
+        parts += [f"<h3>{who} per class (test set, over its seeds)</h3>",
+                  table(["class", "precision", "recall", "F1", "test images"],
+                        [[name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", n]
+                         for name, p, r, f, n in figures.per_class])]
     parts += ["<h2>Setup</h2>", _overview(summary, study), _config_table(summary["configs"]),
               _footer(summary, env or {}, reproduce)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
