@@ -307,3 +307,88 @@ def test_resume_states(scratch, splits, state, data):
     if resumed is not None:  # a run that resumes ends where the schedule ends
         assert {r["step"] for r in resumed.rows} <= set(range(1, 5))
         assert max(r["step"] for r in resumed.rows) == 4
+
+
+# --- (d) run directories and the Python API (issue 26) ----------------------------------------
+
+RUNS = settings(max_examples=max(20, EXAMPLES // 4), deadline=timedelta(seconds=20),
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished one-run directory, trained on in-memory digits (nothing else to fetch)."""
+    from conftest import synthetic
+
+    import mnistlab as ml
+
+    data = synthetic(120, seed=4)
+    results = ml.train(data=(data.images, data.labels), epochs=1, hidden=(8,),
+                       dropout_after=(), device="cpu", out=tmp_path_factory.mktemp("run"),
+                       progress=False, report=False)
+    return Path(results.path)
+
+
+def read_back(root: Path) -> None:
+    """Everything that reads a run directory back without training: the API's Results and its
+    tables, env.json and its arithmetic, metrics.csv."""
+    import mnistlab as ml
+
+    results = ml.load_run(root)
+    assert set(results.summary.columns) >= {"test_accuracy", "diverged"}
+    assert len(results.runs) >= 0 and results.winner in (None, *results.summary.index)
+    run = RunDir.existing(root)
+    run.recorded_arithmetic()
+    assert list(results.metrics.columns)[:3] == ["run", "seed", "step"]
+
+
+@RUNS
+@given(data=st.data())
+def test_damaged_run_directories(scratch, finished_run, data):
+    """summary.json, env.json or metrics.csv with parts replaced, deleted or cut, or a link or
+    FIFO in their place: read back, or one line naming the file."""
+    import shutil
+
+    root = scratch / "run"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(finished_run, root)
+    name = data.draw(st.sampled_from(["summary.json", "env.json", "metrics.csv"]))
+    path = root / name
+    how = data.draw(st.sampled_from(["mutate", "cut", "fifo", "link"]))
+    if how == "mutate" and name != "metrics.csv":
+        path.write_text(json.dumps(data.draw(mutated(json.loads(path.read_text())))))
+    elif how in ("mutate", "cut"):
+        text = path.read_text()
+        path.write_text(text[: data.draw(st.integers(0, len(text)))])
+    else:
+        path.unlink()
+        os.mkfifo(path) if how == "fifo" else path.symlink_to(finished_run / name)
+    try:
+        read_back(root)
+    except MnistlabError as exc:
+        message = str(exc)
+        assert "\n" not in message and message.startswith(str(root)), message
+
+
+WRONG = (st.integers() | st.floats() | st.binary(max_size=4) | st.booleans()
+         | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=2),
+                                                                 st.integers(), max_size=2))
+
+
+@FUZZ
+@given(call=st.sampled_from(["study", "sweep", "train", "evaluate", "load_run", "render",
+                             "predict"]), value=WRONG)
+def test_api_arguments_of_the_wrong_kind(call, value):
+    """A public function given a value of a kind its first argument cannot be: one line
+    naming the function and the argument, before anything runs."""
+    import mnistlab as ml
+
+    function = getattr(ml, call)
+    if call in ("sweep",) and isinstance(value, dict):
+        value = list(value)  # a dict is a sweep's TOML values: not a wrong kind there
+    args = (value, []) if call == "predict" else (value,)
+    with pytest.raises(MnistlabError) as info:
+        function(*args)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{call}: "), message

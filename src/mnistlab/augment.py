@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mnistlab.config import RunConfig
+from mnistlab.errors import ConfigError
 from mnistlab.stack import derived_seed
 
 Settings = tuple[int, float, float]  # translate, rotate, zoom
@@ -35,6 +36,17 @@ def settings(config: RunConfig) -> Settings | None:
     """A configuration's augmentation, or None where it has none."""
     values = (config.translate, config.rotate, config.zoom)
     return values if any(values) else None
+
+
+def check_fits(config: RunConfig, shape: tuple[int, ...]) -> None:
+    """Refuse a shift that can move an image wholly out of sight (every pixel black): the model
+    would train on blanks, to chance, and say nothing."""
+    side = min(shape)
+    if config.translate >= side:
+        raise ConfigError(
+            f"run '{config.name}': translate = {config.translate} can shift the "
+            f"{'x'.join(map(str, shape))} images out of the picture; use translate < {side} "
+            "(a few pixels: 2 or 3 for 28x28 digits)")
 
 
 def stream_seed(seed: int, values: Settings, epoch: int) -> int:

@@ -15,6 +15,7 @@ before its done file, so a crash never leaves a stack that looks finished but is
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -23,7 +24,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NotRequired
@@ -33,10 +34,16 @@ from typing_extensions import TypedDict
 
 from mnistlab._version import __version__
 from mnistlab.arithmetic import Arithmetic, requested
-from mnistlab.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mnistlab.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
 from mnistlab.config import MetricRow
 from mnistlab.errors import CheckpointError, ConfigError, MnistlabError
+from mnistlab.inputs import open_input
 from mnistlab.validation import Int, Name, Number, Text, validate
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; run directories are then not guarded
+    fcntl = None  # type: ignore[assignment]
 
 METRIC_COLUMNS = ("run", "seed", "step", "epoch", "split", "loss", "accuracy")
 
@@ -71,6 +78,91 @@ class StackFile(TypedDict):
     device: Text
 
 
+# summary.json as read back: what the report, `evaluate` and Results rely on (more may follow).
+@with_config(ConfigDict(extra="allow"))
+class Statistic(TypedDict):
+    """One metric of a configuration over its seeds."""
+
+    mean: Number
+    ci_low: Number
+    ci_high: Number
+
+
+@with_config(ConfigDict(extra="allow"))
+class ConfigSummary(TypedDict):
+    run: Text
+    config: dict[str, Any]
+    n: Int
+    test_accuracy: Statistic
+    final_val_accuracy: Statistic
+    best_val_accuracy: Statistic
+    test_loss: Statistic
+    train_val_gap: Statistic
+    diverged: Int
+
+
+@with_config(ConfigDict(extra="allow"))
+class Selection(TypedDict):
+    winner: Text | None
+    seed: Int | None
+    ranking: list[Text]
+
+
+@with_config(ConfigDict(extra="allow"))
+class Comparisons(TypedDict):
+    alpha: Number
+    replicates: Int
+    pairs: list[dict[str, Any]]
+
+
+@with_config(ConfigDict(extra="allow"))
+class Summary(TypedDict):
+    """summary.json: per model (`runs`) and per configuration (`configs`), the selection on
+    validation and the comparisons."""
+
+    data: Text
+    seeds: list[Int]
+    runs: list[ModelResult]
+    configs: list[ConfigSummary]
+    selection: Selection
+    comparisons: Comparisons
+    classes: NotRequired[list[Text]]
+    split_note: NotRequired[Text]
+    steps_per_epoch: NotRequired[Int | None]
+    sweep: NotRequired[dict[str, Any]]
+
+
+@with_config(ConfigDict(extra="allow"))
+class Environment(TypedDict, total=False):
+    """env.json: every key optional (older run directories lack the newer ones)."""
+
+    mnistlab: Text
+    device: Text
+    matmul: Text
+    arithmetic: dict[str, Any] | None
+    seeds: list[Int]
+    command: Text | None
+
+
+def read_json(path: Path, kind: Any, what: str, fix: str) -> Any:
+    """A JSON file of a run directory, checked against `kind` (a TypedDict): its values as
+    written, or one MnistlabError line naming the file, what is wrong and `fix`. The file must
+    be a regular file (mnistlab.inputs): a FIFO planted there would make a reader wait forever."""
+    try:
+        with open_input(path, f"a {what} written by mnistlab") as f:
+            values = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise MnistlabError(f"{path}: damaged {what} ({reason}); {fix}") from None
+    except MnistlabError as exc:
+        raise MnistlabError(f"{exc}; {fix}") from None
+    try:
+        validate(kind, values, f"{path}: damaged {what}")
+    except ConfigError as exc:
+        raise MnistlabError(f"{exc}; {fix}") from None
+    return values
+
+
 def metrics_csv(rows: Iterable[Mapping[str, Any]]) -> str:
     """Long format: one row per (run, seed, step, split)."""
     out = io.StringIO()
@@ -87,7 +179,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """metrics.csv's rows. A damaged file is a one-line MnistlabError: a resumed run rewrites it
     from the stack files."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open_input(path, "a metrics file written by mnistlab") as raw, \
+                io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
             return [
                 {
                     "run": r["run"],
@@ -100,7 +193,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 }
                 for r in csv.DictReader(f)
             ]
-    except (OSError, KeyError, TypeError, ValueError, csv.Error) as exc:
+    except (OSError, KeyError, TypeError, ValueError, csv.Error, MnistlabError) as exc:
         raise MnistlabError(f"{path}: damaged metrics file ({type(exc).__name__}: {exc}); "
                             f"rewrite it with `mnistlab study --resume {Path(path).parent}` "
                             "(or sweep/train --resume)") from None
@@ -170,7 +263,7 @@ class RunDir:
                     continue
                 if root.resolve().parent != out.resolve():  # a guard: Name allows no way out
                     raise MnistlabError(f"{root}: outside {out}; pass a plain study name")
-                return cls(root)
+                return cls(root).claim()
         except OSError as exc:  # a full disk, no permission, `out` a file
             raise MnistlabError(f"{out}: cannot create a run directory there ({exc.strerror}); "
                                 "pass an --out folder that is writable and has free space"
@@ -179,12 +272,56 @@ class RunDir:
 
     @classmethod
     def existing(cls, root: str | Path) -> RunDir:
+        """A run directory made by mnistlab, checked to hold no symbolic link (`check_links`)."""
         run = cls(root)
         if not run.config_path.is_file():
             raise MnistlabError(
                 f"{run.root}: not a run directory (no study.toml); pass a folder made by mnistlab"
             )
+        run.check_links()
         return run
+
+    def check_links(self) -> None:
+        """Refuse a run directory that holds a symbolic link anywhere below its root: mnistlab
+        never makes one, and reading or appending through it (a planted `tb/` event file, say)
+        would touch files outside the run directory. The root itself may be a link."""
+        for folder, dirs, files in os.walk(self.root):  # does not enter linked folders
+            for name in sorted(dirs + files):
+                path = Path(folder, name)
+                if path.is_symlink():
+                    raise MnistlabError(
+                        f"{path}: a symbolic link inside the run directory (mnistlab makes "
+                        "none, and neither follows nor writes through one); remove it, or "
+                        "copy the run directory without links (cp -rL)")
+
+    def claim(self) -> RunDir:
+        """Take this run directory's advisory lock (flock on the folder itself: no lock file
+        to leave behind or to race on) for this process, so no other mnistlab writes into it
+        meanwhile: a second `--resume` or `report` of a run directory in use is one line saying
+        so. Held until `release` (see `claims`); taking it again in the same process is a
+        no-op. The lock goes with the process, however it ends."""
+        key = str(self.root.resolve())
+        if key in _HELD or fcntl is None:
+            return self
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise write_error(self.root, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MnistlabError(
+                f"{self.root}: in use by another mnistlab process (a run, resume or report of "
+                "it); wait for it to finish, then run this again") from None
+        _HELD[key] = fd
+        return self
+
+    def release(self) -> None:
+        """Give up this process's lock on the run directory, if it holds it."""
+        fd = _HELD.pop(str(self.root.resolve()), None)
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the flock
 
     config_path = property(lambda self: self.root / "study.toml")
     sweep_path = property(lambda self: self.root / "sweep.toml")
@@ -214,16 +351,13 @@ class RunDir:
         """The recorded results of a finished stack (a StackFile), or None when it has not
         finished. A damaged done file is a one-line CheckpointError that says how to retrain."""
         path = self._done_path(stack)
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
         fix = f"delete it to retrain that stack (--resume {self.root})"
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-            return dict(validate(StackFile, values, f"{path}: damaged stack file"))
-        except ConfigError as exc:
-            raise CheckpointError(f"{exc}; {fix}") from None
-        except (OSError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: damaged stack file ({exc}); {fix}") from None
+            return dict(read_json(path, StackFile, "stack file", fix))
+        except MnistlabError as exc:
+            raise CheckpointError(str(exc)) from None
 
     def remove_temp_files(self) -> list[Path]:
         """Delete what interrupted writes left behind (`.<name>.<random>.tmp` files of atomic
@@ -265,17 +399,10 @@ class RunDir:
 
     def read_env(self) -> dict[str, Any]:
         """env.json as a table ({} where there is none); a one-line error where it is damaged."""
-        if not self.env_path.is_file():
+        if not os.path.lexists(self.env_path):
             return {}
-        try:
-            env = json.loads(self.env_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise MnistlabError(f"{self.env_path}: damaged ({exc}); it records how the run "
-                                "was made: restore it, or start a new run") from None
-        if not isinstance(env, dict):
-            raise MnistlabError(f"{self.env_path}: damaged (not a JSON object); restore it, or "
-                                "start a new run")
-        return env
+        return read_json(self.env_path, Environment, "env.json", "it records how the run was "
+                         "made: restore it, or start a new run")
 
     def recorded_arithmetic(self) -> Arithmetic | None:
         """The arithmetic env.json records (None for a run made before it was recorded)."""
@@ -293,14 +420,34 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         """summary.json, which exists once the run has finished; else a one-line error."""
-        if not self.summary_path.is_file():
+        if not os.path.lexists(self.summary_path):
             raise MnistlabError(
                 f"{self.summary_path}: missing, so the run has not finished; finish it with "
                 f"`mnistlab study --resume {self.root}` (or sweep/train --resume)"
             )
-        try:
-            return json.loads(self.summary_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise MnistlabError(
-                f"{self.summary_path}: damaged ({exc}); rewrite it with "
-                f"`mnistlab study --resume {self.root}` (or sweep/train --resume)") from None
+        fix = f"rewrite it with `mnistlab study --resume {self.root}` (or sweep/train --resume)"
+        summary = read_json(self.summary_path, Summary, "summary", fix)
+        names = {c["run"] for c in summary["configs"]}
+        named = [*summary["selection"]["ranking"], *(r["run"] for r in summary["runs"]),
+                 *([summary["selection"]["winner"]] if summary["selection"]["winner"] else [])]
+        unknown = sorted(set(named) - names)
+        if unknown:
+            raise MnistlabError(f"{self.summary_path}: damaged summary (names {unknown[0]!r}, "
+                                f"which is none of its configurations); {fix}")
+        return summary
+
+
+_HELD: dict[str, int] = {}  # run directories this process has claimed: resolved root -> fd
+
+
+@contextlib.contextmanager
+def claims() -> Iterator[None]:
+    """Release, when the block ends (however), every run directory claimed inside it: what
+    a call of the Python API or a command took, it gives back, so a notebook that ran a study
+    does not keep other processes out of its run directory."""
+    before = set(_HELD)
+    try:
+        yield
+    finally:
+        for key in set(_HELD) - before:
+            os.close(_HELD.pop(key))

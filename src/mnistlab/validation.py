@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
+import inspect
+from collections.abc import Callable, Mapping
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from annotated_types import Ge, Lt
 from pydantic import (
     AfterValidator,
     AllowInfNan,
     ConfigDict,
+    InstanceOf,
     Strict,
     TypeAdapter,
     ValidationError,
@@ -56,7 +59,17 @@ Name = Annotated[
 ]
 Unit = Annotated[Real, Ge(0), Lt(1)]  # [0, 1)
 Switch = Annotated[Flag, "must be true or false"]
-Seed = Annotated[NonNegative, "must be an integer >= 0"]
+SEED_LIMIT = 1 << 63  # seeds are 64-bit signed integers to torch and NumPy
+
+
+def _seed_range(value: int) -> int:
+    if value >= SEED_LIMIT:
+        raise ValueError(f"must be below 2^63 (seeds are 64-bit integers), got {value}")
+    return value
+
+
+SeedValue = Annotated[NonNegative, AfterValidator(_seed_range)]  # a seed, without a rule of its own
+Seed = Annotated[SeedValue, "must be an integer >= 0"]
 
 @dataclass_transform(frozen_default=True)
 def validated(cls: type[T]) -> type[T]:
@@ -178,6 +191,84 @@ def _levels(root: Any, loc: tuple) -> list[tuple[Any, Any]]:
             break
         levels.append((part, kind))
     return levels
+
+
+def arguments(func: Callable[..., T]) -> Callable[..., T]:
+    """`func` checking its arguments against its annotations before it runs, strictly, as a
+    file's values are checked: a public function of the Python API then refuses a wrong
+    argument in the one line the command line would print, `<function>: <argument> <rule>,
+    got <value>` (the rule: the last string of the annotation, else the kinds it allows),
+    instead of failing later inside with a message that does not name it."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> T:
+        bound = signature.bind(*args, **kwargs)  # a wrong call is Python's own TypeError
+        kinds = _argument_kinds(func)
+        for name, value in bound.arguments.items():
+            if name in kinds:
+                _check_argument(func.__name__, name, kinds[name], value)
+        return func(*args, **kwargs)
+
+    return checked
+
+
+@functools.cache
+def _argument_kinds(func: Callable[..., Any]) -> dict[str, Any]:
+    """The annotations of `func`'s named parameters (not *args, **kwargs or the return)."""
+    named = [p.name for p in inspect.signature(func).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    found = get_type_hints(func, include_extras=True)
+    return {name: found[name] for name in named if name in found and found[name] is not Any}
+
+
+@functools.cache
+def _argument_adapter(kind: Any) -> TypeAdapter:
+    return TypeAdapter(_instances(kind),
+                       config=ConfigDict(strict=True, arbitrary_types_allowed=True))
+
+
+def _instances(kind: Any) -> Any:
+    """`kind` with each dataclass in it (a RunConfig, a StudyConfig) wanting an instance: an
+    argument is an object, where a file's table would be built into one from its values."""
+    bare = _bare(kind)
+    if get_origin(bare) in (Union, UnionType):
+        return Union[tuple(_instances(a) for a in get_args(bare))]  # noqa: UP007
+    if isinstance(bare, type) and dataclasses.is_dataclass(bare):
+        return InstanceOf[bare]
+    return kind
+
+
+def _check_argument(where: str, name: str, kind: Any, value: Any) -> None:
+    try:
+        _argument_adapter(kind).validate_python(value)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        if error["type"] == "value_error":
+            raise ConfigError(f"{where}: {name}: {error['ctx']['error']}") from None
+        raise ConfigError(f"{where}: {name} {_argument_rule(kind)}, got {_shown(value)}"
+                          ) from None
+
+
+def _argument_rule(kind: Any) -> str:
+    """What an argument of `kind` must be: its rule, else its kinds in words."""
+    options = get_args(_bare(kind)) if get_origin(_bare(kind)) in (Union, UnionType) else ()
+    rules = [r for r in (_rule(kind), *map(_rule, options)) if r]
+    if rules:
+        return rules[0]
+    names = [_kind_name(k) for k in (options or (kind,))]
+    return "must be " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1
+                         else names[0])
+
+
+def _kind_name(kind: Any) -> str:
+    kind = _bare(kind)
+    if kind is type(None):
+        return "None"
+    if get_origin(kind) is not None:
+        return str(kind).replace("typing.", "").replace("collections.abc.", "").replace(
+            "numpy.ndarray", "ndarray")
+    return getattr(kind, "__name__", str(kind))
 
 
 def typed_table(name: str, fields: Mapping[str, Any]) -> Any:

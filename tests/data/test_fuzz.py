@@ -10,14 +10,19 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import struct
+import tracemalloc
+import zipfile
+import zlib
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnistlab.data import csv, idx, npz
+from mnistlab.data import csv, idx, load, npz
 from mnistlab.data.dataset import Dataset
 from mnistlab.errors import DataError
 
@@ -147,3 +152,84 @@ def test_npz(scratch, case):
         np.testing.assert_array_equal(parts[0].images, dataset.images)
     elif parts is not None:
         assert parts[0].images.dtype == np.uint8 and parts[1] is None
+
+
+# --- issue 26: large declared sizes and special files -----------------------------------------
+
+LARGE = settings(max_examples=max(20, FUZZ.max_examples // 5), deadline=timedelta(seconds=10))
+
+
+def bounded_read(reader, path, data: bytes, mib: int = 48):
+    """`read` with Python's memory traced: what a file declares costs nothing until its bytes
+    are there (a header's sizes, a zip member's shape, a gzip stream's ratio)."""
+    tracemalloc.start()
+    try:
+        return read(reader, path, data)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < mib << 20, f"{peak} bytes"
+
+
+def zeros_gzip(head: bytes, mib: int) -> bytes:
+    """`head`, then `mib` MiB of zero bytes, gzipped at ~1000:1."""
+    stream = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [stream.compress(head), *(stream.compress(bytes(1 << 20)) for _ in range(mib))]
+    return b"".join([*parts, stream.flush()])
+
+
+@LARGE
+@given(dims=st.tuples(st.integers(1, 2**32 - 1), st.integers(1, 2**16), st.integers(1, 2**16)),
+       mib=st.integers(0, 40))
+def test_idx_declaring_any_size(scratch, dims, mib):
+    header = b"\0\0\x08\x03" + struct.pack(">3I", *dims)
+    images = bounded_read(idx.read_images, scratch, zeros_gzip(header, mib))
+    if images is not None:
+        assert images.shape == dims
+
+
+@LARGE
+@given(shape=st.lists(st.integers(0, 2**20), min_size=1, max_size=3),
+       dtype=st.sampled_from(["|u1", "<i8", "<f8"]), mib=st.integers(0, 40))
+def test_npz_member_declaring_any_size(scratch, shape, dtype, mib):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        with archive.open("x_train.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": dtype, "fortran_order": False, "shape": tuple(shape)})
+            for _ in range(mib):
+                f.write(bytes(1 << 20))
+        with archive.open("y_train.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(3, np.uint8))
+    bounded_read(npz.read_npz, scratch.with_suffix(".npz"), buffer.getvalue())
+
+
+@settings(LARGE, deadline=timedelta(seconds=60))
+@given(line=st.sampled_from([b"0\n", b"\n", b"1,2,3,4\n", b"label\n", b"0," * 784 + b"0\n"]),
+       mib=st.integers(1, 2) | st.integers(17, 64))
+def test_csv_gzip_of_any_ratio(scratch, line, mib):
+    """Repeated lines compress ~1000:1: refused past the ratio cap (16 MiB here), never parsed
+    into GBs; below it (1-2 MiB: up to a million rows) read in bounded memory."""
+    stream = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    unit = line * max(1, (1 << 20) // len(line))
+    data = b"".join([*(stream.compress(unit) for _ in range(mib)), stream.flush()])
+    bounded_read(csv.read_csv, scratch.with_suffix(".csv.gz"), data, mib=96)
+
+
+READERS = [idx.read_images, idx.read_labels, csv.read_csv, npz.read_npz, load]
+SPECIAL = [(reader, kind) for reader in READERS
+           for kind in ("fifo", "folder", "/dev/zero", "/dev/null")
+           if not (reader is load and kind == "folder")]  # a folder is a source to `load`
+
+
+@pytest.mark.parametrize(("reader", "kind"), SPECIAL)
+def test_special_files_are_refused_without_waiting(tmp_path, reader, kind):
+    path = Path(kind) if kind.startswith("/") else tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    with pytest.raises(DataError) as info:
+        reader(str(path))
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert "not a regular file" in str(info.value)
