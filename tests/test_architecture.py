@@ -12,17 +12,20 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STAGES = [
-    ["mnistlab._version", "mnistlab.errors", "mnistlab.atomic"],
+    ["mnistlab._version", "mnistlab.errors", "mnistlab.inputs", "mnistlab.atomic",
+     "mnistlab.suggest"],
     ["mnistlab.validation"],
     ["mnistlab.config"],
     ["mnistlab.data"],
     ["mnistlab.model"],
+    ["mnistlab.modules"],
     ["mnistlab.kernels", "mnistlab.cpu_kernels", "mnistlab.graphs", "mnistlab.schedules",
      "mnistlab.stopping"],
     ["mnistlab.arithmetic", "mnistlab.backend"],
     ["mnistlab.stack"],
     ["mnistlab.augment"],
     ["mnistlab.engine"],
+    ["mnistlab.general"],
     ["mnistlab.evaluation", "mnistlab.inference", "mnistlab.export", "mnistlab.stats",
      "mnistlab.claims", "mnistlab.progress", "mnistlab.board", "mnistlab.runs"],
     ["mnistlab.experiment.sweep"],

@@ -68,8 +68,8 @@ def test_non_finite_optimiser_settings_are_config_errors(field, value, rule):
 def test_an_unknown_preset_is_named_with_the_known_ones():
     """Cause 10: "baseline2" was reported as unknown fields 2, a, b, e, i, l, n, s."""
     assert study_error('runs = ["baseline2"]') == (
-        "runs[0]: unknown preset 'baseline2'; known: baseline, layernorm-dropout, "
-        "lr1e-3-p0.2, lr5e-4-p0.4, lr1e-4-p0.6, tuned")
+        "runs[0]: unknown preset 'baseline2' (did you mean 'baseline'?); known: baseline, "
+        "layernorm-dropout, lr1e-3-p0.2, lr5e-4-p0.4, lr1e-4-p0.6, tuned, lenet5")
 
 
 def test_unknown_fields_are_named_once_with_the_known_ones():

@@ -20,7 +20,8 @@ from pydantic import AfterValidator, BeforeValidator, with_config
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
-from mnistlab.errors import ConfigError
+from mnistlab.errors import ConfigError, DataError
+from mnistlab.inputs import open_input
 from mnistlab.validation import (
     FORBID_EXTRA,
     Count,
@@ -30,6 +31,7 @@ from mnistlab.validation import (
     Number,
     Real,
     Seed,
+    SeedValue,
     Switch,
     Text,
     Unit,
@@ -47,6 +49,19 @@ InputNorm = Literal["scale", "standardize"]
 LrSchedule = Literal["constant", "cosine", "onecycle"]
 ACTIVATIONS, INPUT_NORMS = get_args(Activation), get_args(InputNorm)
 LR_SCHEDULES = get_args(LrSchedule)
+# Models mnistlab builds itself; any other is a factory's import path (mnistlab.general).
+BUILT_IN_MODELS = ("mlp", "lenet5")
+MLP_FIELDS = ("hidden", "activation", "dropout_after", "layernorm", "dropout")
+
+
+def _model_name(value: str) -> str:
+    """A built-in model's name, or a `module:function` path (imported only when it trains or
+    loads, so a run directory's files read without the user's code)."""
+    module, colon, function = value.partition(":")
+    dotted = lambda text: all(part.isidentifier() for part in text.split("."))  # noqa: E731
+    if value in BUILT_IN_MODELS or (colon and dotted(module) and dotted(function)):
+        return value
+    raise PydanticCustomError("model", "no model name or import path")
 
 
 @validated
@@ -75,6 +90,11 @@ class RunConfig:
     - `restore_best`: the model keeps its weights of its best validation record (highest
       accuracy, the earliest of ties), as Keras's restore_best_weights; `patience` > 0 stops
       training a model after that many records without a better validation accuracy.
+
+    `model`: "mlp" (the network above, trained by mnistlab.engine), or any other network,
+    trained by mnistlab.general: "lenet5", or a factory's import path "package.module:function"
+    whose call returns a fresh torch.nn.Module. Such a model's layers are its own, so the MLP's
+    fields (MLP_FIELDS) must keep their defaults; the optimiser and the recipe apply to it.
     """
 
     name: Name = "baseline"
@@ -100,8 +120,20 @@ class RunConfig:
     zoom: Annotated[Unit, "must be in [0, 1)"] = 0.0
     restore_best: Switch = False
     patience: Annotated[NonNegative, "must be an integer >= 0 (records; 0: never stop)"] = 0
+    model: Annotated[
+        Text, AfterValidator(_model_name),
+        f"must be {' or '.join(BUILT_IN_MODELS)} or a factory's import path 'module:function'",
+    ] = "mlp"
 
     def __post_init__(self) -> None:
+        if self.model != "mlp":
+            mlp = RunConfig()
+            changed = [k for k in MLP_FIELDS if getattr(self, k) != getattr(mlp, k)]
+            if changed:
+                raise ValueError(
+                    f"run '{self.name}': {', '.join(changed)} shape the MLP only, and this run's "
+                    f"model is {self.model}; drop them (its layers, dropout included, are the "
+                    "model's own)")
         if any(i > len(self.hidden) for i in self.dropout_after):
             raise ValueError(f"run '{self.name}': dropout_after must name hidden layers "
                              f"1..{len(self.hidden)}, got {list(self.dropout_after)}")
@@ -112,9 +144,11 @@ class RunConfig:
 
         Learning rate, Adam settings, dropout p, LayerNorm on/off and the whole recipe may
         differ within a stack (LayerNorm is selected per model), so the whole seed study is one
-        stack.
+        stack. Any other model shares a stack with copies of itself only.
         """
-        return (self.hidden, self.activation, self.dropout_after, self.input_norm)
+        if self.model != "mlp":
+            return (self.model, self.input_norm)
+        return ("mlp", self.hidden, self.activation, self.dropout_after, self.input_norm)
 
 
 # The training recipe's fields: each changes how a model trains, never its shape.
@@ -150,7 +184,7 @@ def _distinct(seeds: tuple[int, ...]) -> tuple[int, ...]:
 
 
 Seeds = Annotated[
-    tuple[NonNegative, ...], BeforeValidator(_seed_count), AfterValidator(_distinct),
+    tuple[SeedValue, ...], BeforeValidator(_seed_count), AfterValidator(_distinct),
     f"must be a count or a list of distinct integers >= 0 (a count is 1..{MAX_MODELS})",
 ]
 
@@ -168,7 +202,10 @@ def preset(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     if value not in PRESETS:
-        raise ValueError(f"unknown preset {value!r}; known: {', '.join(PRESETS)}")
+        from mnistlab.suggest import did_you_mean
+
+        raise ValueError(f"unknown preset {value!r}{did_you_mean(value, PRESETS)}; known: "
+                         f"{', '.join(PRESETS)}")
     return PRESETS[value]
 
 
@@ -239,6 +276,11 @@ PRESETS: dict[str, RunConfig] = {
     "tuned": RunConfig(name="tuned", lr=0.003, dropout=0.2, layernorm=True,
                        input_norm="standardize", lr_schedule="onecycle", warmup=0.05,
                        decoupled_decay=0.05, label_smoothing=0.1),
+    # LeNet-5 with ReLU and max-pooling (mnistlab.modules.lenet5 says how it differs from the
+    # 1998 paper's). Its recipe won a 1-epoch comparison on MNIST's validation split (seed 0:
+    # 97.9 % against 95.8 % for a constant lr 1e-3, 96.6 % for a cosine decay from 3e-3).
+    "lenet5": RunConfig(name="lenet5", model="lenet5", lr=0.003, lr_schedule="onecycle",
+                        warmup=0.2, input_norm="standardize"),
 }
 
 
@@ -279,6 +321,11 @@ def study_from_dict(values: Any, where: str = "study") -> StudyConfig:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, RunConfig) and value.model == "mlp":
+        # An MLP's files (study.toml, checkpoints, resume fingerprints) and its dropout stream
+        # (stack.dropout_seed) stay as they were before `model` existed.
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name != "model"}
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, tuple | list):
@@ -298,9 +345,12 @@ def study_to_toml(study: StudyConfig) -> str:
 def read_toml(path: Path, kind: str) -> dict[str, Any]:
     """A TOML file's values; missing or malformed is a one-line ConfigError naming the file."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        with open_input(path, f"a {kind} TOML file") as f:  # a FIFO: refused, never waited on
+            return tomllib.loads(f.read().decode("utf-8"))
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"{path}: no such file; pass an existing {kind} TOML") from None
+    except DataError as exc:  # a folder, FIFO or device (open_input)
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror}); check its permissions") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

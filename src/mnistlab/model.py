@@ -6,6 +6,7 @@ class names and the input normalisation. Loading never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from torch import nn
 from mnistlab.atomic import atomic_write_bytes
 from mnistlab.config import RunConfig, to_dict
 from mnistlab.errors import CheckpointError, ConfigError
+from mnistlab.inputs import open_input
 from mnistlab.validation import Count, Real, Seed, Text, validate, validated
 
 CHECKPOINT_FORMAT = "mnistlab-mlp/1"
@@ -78,6 +80,7 @@ class Checkpoint:
     # How it was trained (mnistlab.arithmetic.Arithmetic.as_dict(): device kind, CPU step,
     # Triton, CUDA graphs, matmul precision, torch version); None in checkpoints made without.
     arithmetic: dict[str, str | bool | None] | None = None
+    origin: str = ""  # the file it was loaded from, for messages ("" when made in memory)
 
 
 def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
@@ -109,6 +112,34 @@ def json_field(meta: Mapping[str, str], key: str) -> Any:
         raise ValueError(f"'{key}' is not JSON ({exc})") from None
 
 
+@contextlib.contextmanager
+def panics_as_errors(path: str | Path, fix: str) -> Iterator[None]:
+    """safetensors is Rust: where it panics (an allocation that fails for a large file when
+    memory is short, say), pyo3 raises its PanicException, which derives from BaseException
+    alone, so no `except Exception` sees it. Here it is one CheckpointError line naming the
+    file (matched by name: pyo3 does not export the class)."""
+    try:
+        yield
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        detail = str(exc).replace("\n", " ")[:200]
+        raise CheckpointError(f"{path}: safetensors failed while loading it ({detail}), e.g. "
+                              f"for want of memory; free memory and retry, or {fix}") from None
+
+
+def finite_outputs(ckpt: Checkpoint, probabilities: torch.Tensor) -> torch.Tensor:
+    """`probabilities`, once checked to be finite: finite but huge weights overflow to inf
+    logits and NaN probabilities, which no answer may be read from."""
+    bad = int((~torch.isfinite(probabilities)).any(dim=-1).sum()) if probabilities.numel() else 0
+    if bad:
+        raise CheckpointError(
+            f"{ckpt.origin or 'model'}: the model's outputs are not finite (NaN or inf) for "
+            f"{bad} of {len(probabilities)} images: its weights are too large to compute with; "
+            "retrain it (a lower learning rate), or pass another checkpoint")
+    return probabilities
+
+
 def read_safetensors(
     path: Path, fmt: str, what: str, fix: str, unreadable: str = "safetensors file"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -118,9 +149,12 @@ def read_safetensors(
     "not a readable <unreadable>" and "not an mnistlab <what>".
     """
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        with open_input(path, f"a {what} file"):  # a FIFO or device: refused, never waited on
+            pass
+        with panics_as_errors(path, fix):
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable {unreadable} ({exc}); {fix}") from None
     if meta.get("format") != fmt:
@@ -150,7 +184,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     model = build_mlp(config, inputs.shape[0] * inputs.shape[1], len(inputs.classes))
     model.load_state_dict(tensors, strict=True)
     model.eval()
-    return Checkpoint(model, config, inputs, seed, arithmetic)
+    return Checkpoint(model, config, inputs, seed, arithmetic, origin=str(path))
+
+
+def file_format(path: Path) -> str | None:
+    """The format a safetensors file's metadata names, or None (read_safetensors then says
+    what is wrong with the file)."""
+    try:
+        with open_input(path, "a checkpoint file"), panics_as_errors(path, "pass another file"), \
+                safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def _weights_problem(tensors: Mapping[str, torch.Tensor], config: RunConfig,

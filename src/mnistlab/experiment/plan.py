@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mnistlab import augment, engine
+from mnistlab import augment, engine, general
 from mnistlab.backend import CPU_EVAL_BLOCK
 from mnistlab.config import RunConfig, Schedule
 from mnistlab.data.dataset import Splits
@@ -57,8 +57,11 @@ def member_bytes(config: RunConfig, schedule: Schedule, splits: Splits, device: 
     of the two on a CPU, both on a GPU (a CUDA graph keeps its step's buffers in its own pool
     while evaluation allocates outside it). What is not per member (the data, their conversion
     temporaries, allocator caches, the CUDA context) is covered by `auto_stack_size`'s margin.
-    Checked against the tensors a stack really allocates in tests/test_stack_sizing.py.
+    Checked against the tensors a stack really allocates in tests/test_stack_sizing.py. A model
+    other than the MLP is measured by mnistlab.general.
     """
+    if config.model != "mlp":
+        return general.member_bytes(config, schedule, splits, device)
     d0, classes = int(np.prod(splits.train.images.shape[1:])), len(splits.train.classes)
     widths = [d0, *config.hidden, classes]
     state = _state_floats(config, schedule, splits, widths, device)
