@@ -30,9 +30,9 @@ RUNS = (RunConfig(name="plain", lr=3e-3, hidden=(32, 32)),
 
 
 @pytest.fixture(scope="module")
-def digits(mnist_dir) -> tuple[np.ndarray, np.ndarray]:
+def digits(mnist_t10k_dir) -> tuple[np.ndarray, np.ndarray]:
     """1,200 real MNIST digits as plain arrays, as a notebook user would hold them."""
-    part = load(str(mnist_dir), progress=False).train
+    part = load(str(mnist_t10k_dir), progress=False).train
     return part.images[:1200], part.labels[:1200]
 
 

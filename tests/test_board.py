@@ -24,8 +24,8 @@ STUDY = StudyConfig(name="tb", runs=RUNS, seeds=(0, 1), device="cpu",
 
 
 @pytest.fixture(scope="module")
-def digits(mnist_dir) -> tuple[np.ndarray, np.ndarray]:
-    part = load(str(mnist_dir), progress=False).train
+def digits(mnist_t10k_dir) -> tuple[np.ndarray, np.ndarray]:
+    part = load(str(mnist_t10k_dir), progress=False).train
     return part.images[:1200], part.labels[:1200]
 
 
@@ -47,7 +47,7 @@ class Peek(Progress):
         self.records += 1
         if self.records == 3:
             (root,) = [p for p in self.tb.iterdir()]
-            self.seen = scalars(root / "tb" / "ln-seed1" / "validation")
+            self.seen = scalars(root / "tb" / "ln" / "seed1" / "validation")
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +69,28 @@ def test_events_appear_while_training_runs(finished):
 def test_every_model_has_train_validation_and_test_under_the_same_tags(finished):
     results, _ = finished
     tb = results.run_dir.tensorboard
-    assert sorted(p.name for p in tb.iterdir() if p.is_dir()) == [
-        "ln-seed0", "ln-seed1", "plain-seed0", "plain-seed1"]
+    # A configuration's seeds are grouped in its folder (issue 23).
+    assert sorted(p.relative_to(tb).as_posix() for p in tb.glob("*/seed*")) == [
+        "ln/seed0", "ln/seed1", "plain/seed0", "plain/seed1"]
     rows = results.run_dir.read_metrics()
     for run, seed in (("ln", 0), ("plain", 1)):
         for split, sub in (("train", "train"), ("val", "validation")):
-            got = scalars(tb / f"{run}-seed{seed}" / sub)
-            assert set(got) == {"loss", "accuracy"}
+            got = scalars(tb / run / f"seed{seed}" / sub)
+            # train/ also holds the learning rate at each record (issue 23)
+            assert set(got) == {"loss", "accuracy", *(["learning_rate"] * (split == "train"))}
             expected = [r for r in rows if (r["run"], r["seed"], r["split"]) == (run, seed, split)]
             assert [e.step for e in got["accuracy"]] == [r["step"] for r in expected]
             assert [e.value for e in got["loss"]] == pytest.approx([r["loss"] for r in expected])
             times = [e.wall_time for e in got["accuracy"]]
             assert times == sorted(times) and times[-1] > times[0]  # real times, as they came
-        (test,) = scalars(tb / f"{run}-seed{seed}" / "test")["accuracy"]
+        (test,) = scalars(tb / run / f"seed{seed}" / "test")["accuracy"]
         summary = next(r for r in results.raw["runs"] if (r["run"], r["seed"]) == (run, seed))
         assert test.value == pytest.approx(summary["test_accuracy"])
 
 
 def test_hyperparameters_for_the_hparams_plugin(finished):
     results, _ = finished
-    events = EventAccumulator(str(results.run_dir.tensorboard / "ln-seed1"))
+    events = EventAccumulator(str(results.run_dir.tensorboard / "ln" / "seed1"))
     events.Reload()
     content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
     info = plugin_data_pb2.HParamsPluginData.FromString(
@@ -105,6 +107,19 @@ def test_hyperparameters_for_the_hparams_plugin(finished):
     metrics = {(m.name.group, m.name.tag) for m in config.metric_infos}
     assert {("validation", "accuracy"), ("test", "accuracy")} <= metrics
     assert {"lr", "dropout", "layernorm", "seed"} <= {h.name for h in config.hparam_infos}
+    # The hyperparameters that differ between the configurations come first (issue 23).
+    names = [h.name for h in config.hparam_infos]
+    assert names[:4] == ["configuration", "dropout", "layernorm", "lr"], names
+
+
+def test_the_learning_rate_is_logged_at_every_record(finished):
+    results, _ = finished
+    tb = results.run_dir.tensorboard
+    rates = scalars(tb / "ln" / "seed0" / "train")["learning_rate"]
+    steps = [r["step"] for r in results.run_dir.read_metrics()
+             if (r["run"], r["seed"], r["split"]) == ("ln", 0, "train")]
+    assert [e.step for e in rates] == steps
+    assert [e.value for e in rates] == pytest.approx([1e-3] * len(steps))
 
 
 def test_folders_are_readable_by_everyone_who_may_read_the_run(finished):
@@ -130,12 +145,12 @@ def test_a_resumed_study_continues_the_streams_without_duplicates(digits, tmp_pa
     with pytest.raises(RuntimeError, match="went down"):
         ml.study(STUDY, data=digits, out=tmp_path, progress=Crash(), report=False)
     (run_dir,) = tmp_path.iterdir()
-    before = scalars(run_dir / "tb" / "ln-seed1" / "validation")["accuracy"]
+    before = scalars(run_dir / "tb" / "ln" / "seed1" / "validation")["accuracy"]
     assert [e.step for e in before][-1] == 25
     results = ml.study(resume=run_dir, data=digits, progress=False, report=False)
     rows = [r for r in results.run_dir.read_metrics()
             if (r["run"], r["seed"], r["split"]) == ("ln", 1, "val")]
-    after = scalars(run_dir / "tb" / "ln-seed1" / "validation")["accuracy"]
+    after = scalars(run_dir / "tb" / "ln" / "seed1" / "validation")["accuracy"]
     assert [e.step for e in after] == [r["step"] for r in rows]  # each step once, in order
     assert [e.value for e in after] == pytest.approx([r["accuracy"] for r in rows])
     fresh = ml.study(STUDY, data=digits, out=tmp_path / "fresh", progress=False, report=False)

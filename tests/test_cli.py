@@ -23,11 +23,13 @@ COMMANDS = [
     ["data"],
     ["data", "fetch"],
     ["data", "check"],
+    ["data", "list"],
     ["report"],
     ["evaluate"],
     ["predict"],
     ["export"],
     ["sweep"],
+    ["compare"],
 ]
 
 
@@ -142,13 +144,15 @@ def test_data_fetch_quiet_hides_the_download_bars(monkeypatch, tmp_path):
 
 def test_train_is_verbose_unless_told_otherwise(idx_dir: Path, tmp_path: Path):
     """`train` prints a Keras-style line per epoch by default; --no-verbose keeps the progress
-    without them, -q prints no progress at all; the results table comes either way."""
+    without them, -q prints no progress at all; the model's final losses and accuracies and its
+    checkpoint come either way (as `fit` + `evaluate` end, issue 23: no study table)."""
     args = ["train", "--data", str(idx_dir), "--hidden", "16", "--dropout-after", "",
             "--epochs", "2", "--record-every", "1", "--device", "cpu", "--out", str(tmp_path)]
     runner = CliRunner()
     shown = {flag: runner.invoke(app, [*args, *flag]) for flag in ((), ("--no-verbose",),
                                                                    ("-q",), ("-v",))}
-    assert all(r.exit_code == 0 and "final val acc" in r.stdout for r in shown.values())
+    assert all(r.exit_code == 0 and "checkpoint: " in r.stdout and "final val acc" not in r.stdout
+               for r in shown.values())
     keras = [line for line in shown[()].stderr.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in keras] == ["epoch 1 h16_da", "epoch 2 h16_da"]
     assert all(" - val_acc " in line for line in keras)

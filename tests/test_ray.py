@@ -168,12 +168,12 @@ def _wait_for_nodes(address: str, count: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_data(mnist_dir, tmp_path_factory) -> str:
+def tiny_data(mnist_t10k_dir, tmp_path_factory) -> str:
     from mnistlab.data import load
     from mnistlab.data.npz import write_npz
 
     path = tmp_path_factory.mktemp("data") / "mnist-tiny.npz"
-    write_npz(path, load(str(mnist_dir), progress=False).train.subset(np.arange(720)))
+    write_npz(path, load(str(mnist_t10k_dir), progress=False).train.subset(np.arange(720)))
     return str(path)
 
 

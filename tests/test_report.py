@@ -85,11 +85,11 @@ def synthetic_predictions(test: Dataset, accuracy: float, seed: int) -> Predicti
     return Predictions.of(predicted, probability, np.where(right, probability, 0.05), test)
 
 
-def build_run_dir(root: Path, mnist_dir: Path) -> RunDir:
+def build_run_dir(root: Path, mnist_t10k_dir: Path) -> RunDir:
     """A run directory as the pipeline leaves it: the winner's models are really trained on the
     MNIST test images, the other configurations' curves and answers are synthetic."""
     study = StudyConfig(
-        name="synthetic<study>", data=str(mnist_dir), seeds=(0, 1, 2),
+        name="synthetic<study>", data=str(mnist_t10k_dir), seeds=(0, 1, 2),
         runs=(RunConfig(name=BASELINE, lr=0.01, **SMALL),
               RunConfig(name=BEST, lr=1e-3, dropout=0.2, layernorm=True, **SMALL),
               RunConfig(name=SLOW, lr=1e-4, dropout=0.6, layernorm=True, **SMALL)),
@@ -123,8 +123,8 @@ def build_run_dir(root: Path, mnist_dir: Path) -> RunDir:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mnist_dir) -> RunDir:
-    run = build_run_dir(tmp_path_factory.mktemp("run"), mnist_dir)
+def run_dir(tmp_path_factory, mnist_t10k_dir) -> RunDir:
+    run = build_run_dir(tmp_path_factory.mktemp("run"), mnist_t10k_dir)
     render(run)
     return run
 
@@ -189,7 +189,10 @@ def test_the_reading_says_when_it_cannot_rank():
     assert "No configuration overfits" in text and "the largest gap is a's, -0.94 pp" in text
     assert "too few records to rank their speed" in text
     summary = {**statistics({"a": {}}, Comparer(runs[:1], {"a": correct["a"]})), "runs": runs}
-    assert "no other configuration to compare" in " ".join(reading(summary, rows))
+    # One configuration reads as one (issue 23): no winner, no comparison, no "overfits".
+    alone = " ".join(reading(summary, rows))
+    assert alone.startswith("a ends with a final validation accuracy of ")
+    assert "winner" not in alone and "compare" not in alone and "overfits" not in alone
 
 
 def test_tensorboard_events_hold_the_metrics(run_dir):
@@ -198,20 +201,24 @@ def test_tensorboard_events_hold_the_metrics(run_dir):
     each configuration's confusion matrix as an image."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = sorted(p.name for p in run_dir.tensorboard.iterdir() if p.is_dir())
-    assert runs == sorted(f"{n}-seed{s}" for n in (BASELINE, BEST, "slow___") for s in range(3))
-    model = run_dir.tensorboard / f"{BEST}-seed1"
+    # A configuration's seeds grouped in its folder (issue 23).
+    runs = sorted(p.relative_to(run_dir.tensorboard).as_posix()
+                  for p in run_dir.tensorboard.glob("*/seed*"))
+    assert runs == sorted(f"{n}/seed{s}" for n in (BASELINE, BEST, "slow___") for s in range(3))
+    model = run_dir.tensorboard / BEST / "seed1"
     assert {p.name for p in model.iterdir() if p.is_dir()} == {"train", "validation", "test"}
     for sub in ("train", "validation"):
         events = EventAccumulator(str(model / sub))
         events.Reload()
-        assert set(events.Tags()["scalars"]) == {"loss", "accuracy"}
+        # train/ also holds the learning rate (issue 23)
+        assert set(events.Tags()["scalars"]) == {"loss", "accuracy",
+                                                 *(["learning_rate"] * (sub == "train"))}
     expected = [(r["step"], r["accuracy"]) for r in run_dir.read_metrics()
                 if r["run"] == BEST and r["seed"] == 1 and r["split"] == "val"]
     got = [(e.step, e.value) for e in events.Scalars("accuracy")]
     assert [s for s, _ in got] == [s for s, _ in expected]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)
-    images = EventAccumulator(str(run_dir.tensorboard / f"{BEST}-seed0" / "images"))
+    images = EventAccumulator(str(run_dir.tensorboard / BEST / "seed0" / "images"))
     images.Reload()
     (image,) = images.Images("confusion_matrix")
     assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > 300
@@ -230,7 +237,7 @@ def test_rerender_replaces_everything_and_leaves_no_temp_files(run_dir):
     assert tb_after == tb_before  # no new event files
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    images = EventAccumulator(str(run_dir.tensorboard / f"{BEST}-seed0" / "images"))
+    images = EventAccumulator(str(run_dir.tensorboard / BEST / "seed0" / "images"))
     images.Reload()
     assert len(images.Images("confusion_matrix")) == 1  # the earlier image replaced
     assert not [p for p in run_dir.root.rglob(".*") if p.name != ".gitignore"]

@@ -39,9 +39,9 @@ def comparable(summary: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def mnist_run(mnist_dir, tmp_path_factory):
+def mnist_run(mnist_t10k_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    results = ml.study(small_study(str(mnist_dir)), out=out, progress=False)
+    results = ml.study(small_study(str(mnist_t10k_dir)), out=out, progress=False)
     return results.run_dir, results.raw
 
 

@@ -172,8 +172,8 @@ def test_stacks_split_by_architecture_and_schedule_and_size(tmp_path):
     assert len({s.key for s in stacks}) == len(stacks)
 
 
-def test_stack_size_follows_free_memory(monkeypatch, mnist_dir):
-    splits = _tiny_splits(mnist_dir)
+def test_stack_size_follows_free_memory(monkeypatch, mnist_t10k_dir):
+    splits = _tiny_splits(mnist_t10k_dir)
     trials = [Trial(RunConfig(name=f"c{i}"), Schedule(), s) for i in range(10) for s in range(3)]
     need = member_bytes(trials[0].config, trials[0].schedule, splits)
     data = 4 * sum(d.images.size for d in (splits.train, splits.val, splits.test))
@@ -186,8 +186,8 @@ def test_stack_size_follows_free_memory(monkeypatch, mnist_dir):
     assert auto_stack_size(trials, splits, "cpu") == 1
 
 
-def test_member_bytes_counts_adam_state_and_activations(mnist_dir):
-    splits = _tiny_splits(mnist_dir)
+def test_member_bytes_counts_adam_state_and_activations(mnist_t10k_dir):
+    splits = _tiny_splits(mnist_t10k_dir)
     small = member_bytes(RunConfig(hidden=(10, 10)), Schedule(batch_size=8), splits)
     wide = member_bytes(RunConfig(hidden=(1000, 1000)), Schedule(batch_size=8), splits)
     params = 785 * 1000 + 1001 * 1000 + 1001 * 10
@@ -207,27 +207,27 @@ def test_rungs_are_thirds_of_the_schedule(epochs, rungs):
 # --- real data ------------------------------------------------------------------------------
 
 
-def _tiny_source(mnist_dir: Path, folder: Path, n: int = 1200) -> Path:
+def _tiny_source(mnist_t10k_dir: Path, folder: Path, n: int = 1200) -> Path:
     """The first `n` images of real MNIST t10k as an NPZ (train part only: test is held out)."""
     from mnistlab.data import load
 
-    t10k = load(str(mnist_dir), progress=False).train
+    t10k = load(str(mnist_t10k_dir), progress=False).train
     path = folder / "mnist-tiny.npz"
     write_npz(path, t10k.subset(np.arange(n)))
     return path
 
 
-def _tiny_splits(mnist_dir: Path):
+def _tiny_splits(mnist_t10k_dir: Path):
     from mnistlab.data import load, make_splits
 
-    source = load(str(mnist_dir), progress=False)
+    source = load(str(mnist_t10k_dir), progress=False)
     tiny = dataclasses.replace(source, train=source.train.subset(np.arange(600)))
     return make_splits(tiny)
 
 
 @pytest.fixture(scope="module")
-def tiny_data(mnist_dir, tmp_path_factory) -> Path:
-    return _tiny_source(mnist_dir, tmp_path_factory.mktemp("data"))
+def tiny_data(mnist_t10k_dir, tmp_path_factory) -> Path:
+    return _tiny_source(mnist_t10k_dir, tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -339,8 +339,8 @@ def test_resume_skips_finished_stacks_and_ends_with_the_same_numbers(halving_run
 
 def test_top_table_and_heat_map(full_run):
     run_dir, summary = full_run
-    text = top_text(summary)
-    winner = summary["sweep"]["winner"]
+    text = top_text(summary, width=120)  # a wide console: one line a row (issue 23: the width
+    winner = summary["sweep"]["winner"]  # is the console's; narrower, intervals fold)
     lines = [line for line in text.splitlines() if "│" in line]
     assert len(lines) == 8 and winner in lines[0]
     assert "[" in lines[0] and "winner: " + winner in text

@@ -3,6 +3,7 @@
     import mnistlab as ml
     results = ml.study(data="fashion-mnist", seeds=3)
     results.summary, results.winner, results.model()
+    ml.study(runs=["lenet5", ml.Model("mine", my_factory, lr=1e-3)], seeds=3)  # any nn.Module
 
 See mnistlab.api for every function.
 """
@@ -10,8 +11,8 @@ See mnistlab.api for every function.
 from mnistlab._version import __version__
 
 __all__ = [
-    "Results", "__version__", "evaluate", "load_model", "load_run", "predict", "render", "study",
-    "sweep", "train",
+    "Model", "Results", "__version__", "compare", "evaluate", "load_model", "load_run",
+    "predict", "render", "study", "sweep", "train",
 ]
 
 
@@ -22,6 +23,10 @@ def __getattr__(name: str) -> object:
         from mnistlab.results import Results
 
         return Results
+    if name == "Model":
+        from mnistlab.modules import Model
+
+        return Model
     if name in __all__:
         from mnistlab import api
 

@@ -43,19 +43,25 @@ from mnistlab.experiment import pipeline
 from mnistlab.experiment.sweep import SweepSpec, name_of, sweep_from_dict
 from mnistlab.experiment.trials import Experiment, from_sweep
 from mnistlab.inference import ImagePrediction, predict_images
-from mnistlab.model import Checkpoint, load_checkpoint
+from mnistlab.model import Checkpoint
+from mnistlab.modules import load_checkpoint
 from mnistlab.progress import Progress
 from mnistlab.report.plots import evaluation_plots
 from mnistlab.results import Results
-from mnistlab.runs import RunDir
+from mnistlab.runs import RunDir, claims
+from mnistlab.suggest import did_you_mean
+from mnistlab.validation import Seed, arguments
 
-Data = str | Path | tuple[np.ndarray, np.ndarray]
+# A name, a path, or in-memory (images, labels[, class names]): digits unless named.
+Data = str | Path | tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, Sequence[str]]
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
+@arguments
 def study(
     config: str | Path | StudyConfig | None = None,
     *,
+    runs: Sequence[str | RunConfig] | None = None,
     data: Data | None = None,
     seeds: int | Sequence[int] | None = None,
     epochs: int | None = None,
@@ -69,11 +75,16 @@ def study(
     """Run a study: the seed study's five configurations, or a study TOML's, × seeds.
 
     `data` is a dataset name (mnist, fashion-mnist), a path (IDX folder, CSV, NPZ) or in-memory
-    arrays `(images, labels)`; `seeds` a count or a list. With `resume=RUN_DIR` the run
-    directory's own configuration is used, and any option given must agree with it.
+    arrays `(images, labels)`, or `(images, labels, class_names)` for classes other than the ten
+    digits; `seeds` a count or a list. `runs` replaces the configurations: preset names and
+    RunConfigs, among them `ml.Model("mine", factory, lr=1e-3)` for any network. With
+    `resume=RUN_DIR` the run directory's own configuration is used, and any option given must
+    agree with it.
     """
     name, source = _data(data)
-    flags = _given(data=name, seeds=seeds, epochs=epochs, device=device, stack_size=stack_size)
+    flags = _given(data=name, seeds=seeds, epochs=epochs, device=device, stack_size=stack_size,
+                   runs=None if runs is None else [r if isinstance(r, str) else to_dict(r)
+                                                   for r in runs])
     if resume is not None:
         return _resume(resume, flags, source, progress, report, config=config)
     if isinstance(config, StudyConfig):
@@ -85,6 +96,7 @@ def study(
     return _run(experiment, out, source, progress, report)
 
 
+@arguments
 def sweep(
     grid: str | Path | SweepSpec | Mapping[str, Any] | None = None,
     *,
@@ -112,7 +124,7 @@ def sweep(
     if resume is not None:
         return _resume(resume, flags, source, progress, report, ray_address, grid)
     if grid is None:
-        raise MnistlabError("sweep: pass a sweep TOML (--grid SWEEP.toml) or --resume RUN_DIR")
+        raise MnistlabError("sweep: pass a sweep TOML (--config SWEEP.toml) or --resume RUN_DIR")
     if isinstance(grid, SweepSpec):
         grid = _sweep_values(grid)
     values = read_toml(Path(grid), "sweep") if isinstance(grid, str | Path) else dict(grid)
@@ -121,6 +133,7 @@ def sweep(
     return _run(experiment, out, source, progress, report, ray_address)
 
 
+@arguments
 def train(
     config: str | Path | RunConfig | None = None,
     *,
@@ -144,7 +157,8 @@ def train(
         if config is not None:
             raise ConfigError("train: pass a config or a preset, not both")
         if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}{did_you_mean(preset, PRESETS)}; "
+                              f"known: {', '.join(PRESETS)}")
         config = PRESETS[preset]
     name, source = _data(data)
     unknown = sorted(set(options) - set(RUN_FIELDS) - set(_SCHEDULE_FIELDS) - set(STUDY_KEYS))
@@ -157,27 +171,60 @@ def train(
         values = to_dict(config)
     else:
         values = read_toml(Path(config), "run") if config else {}
-    if "name" not in values and "name" not in flags and "runs" not in values:
-        flags["name"] = name_of({k: v for k, v in flags.items() if k in RUN_FIELDS}) or "baseline"
     where = "train" if config is None or isinstance(config, RunConfig) else str(config)
-    study = run_study_from_dict(with_overrides(values, flags), where)
+    study = run_study_from_dict(with_overrides(values, flags), where)  # checked before named
+    if "name" not in values and "name" not in flags and "runs" not in values:
+        named = name_of({k: v for k, v in flags.items() if k in RUN_FIELDS})
+        model = study.runs[0].model.rpartition(":")[2]  # a factory's function name
+        flags["name"] = "_".join(n for n in (model if model != "mlp" else "", named) if n) \
+            or "baseline"
+        study = run_study_from_dict(with_overrides(values, flags), where)
     return _run(Experiment(study), out, source, progress, report)
 
 
+@arguments
 def load_run(path: str | Path) -> Results:
     """The results of a finished run directory (no data set or network needed)."""
     return Results(RunDir.existing(path))
 
 
+def checkpoint_path(target: str | Path, run: str | None = None,
+                    seed: int | None = None) -> Path:
+    """The checkpoint file `target` names: itself, or for a run directory its winner's (the seed
+    the report shows), or configuration `run`'s model with `seed` (by default its winner's
+    seed, or its first finished one)."""
+    target = Path(target)
+    if not target.is_dir():
+        if run is not None or seed is not None:
+            raise MnistlabError(f"{target}: --run and --seed choose a model of a run directory; "
+                                "pass the run directory, or the checkpoint alone")
+        if not target.is_file():
+            raise MnistlabError(f"{target}: no such file or run directory; pass a run "
+                                "directory or a .safetensors checkpoint")
+        return target
+    run_dir = RunDir.existing(target)
+    summary = run_dir.read_summary()
+    name = run or stats.winner(summary)
+    if name is None:
+        raise MnistlabError(f"{target}: every run diverged, so there is no winner; pass --run "
+                            "NAME --seed K to choose a model")
+    if seed is None and name == stats.winner(summary):
+        seed = stats.winner_seed(summary)
+    return run_dir.model_path(name, _finished_seeds(run_dir, summary, name, seed)[0])
+
+
+@arguments
 def load_model(path: str | Path) -> Checkpoint:
     """A checkpoint file's model (`.model`, a plain nn.Sequential) with its configuration, input
     normalisation, class names and seed."""
     return load_checkpoint(path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Scored:
-    """A model (or a configuration over its seeds) scored on a labelled set."""
+    """A model (or a configuration over its seeds) scored on a labelled set. In a notebook it
+    shows its totals, per-class scores and confusion matrix (`per_class`, `confusion` as
+    DataFrames; `plot()` draws the matrix)."""
 
     model: str  # which model: a checkpoint file, or a configuration and its seeds
     data: str  # what it was scored on
@@ -186,6 +233,51 @@ class Scored:
     classes: tuple[str, ...]
     per_seed: dict[int, float]  # test accuracy of each seed
     plots: list[Path]
+
+    def __repr__(self) -> str:
+        seeds = f", {len(self.per_seed)} seeds" if len(self.per_seed) > 1 else ""
+        return (f"Scored({self.model!r}: accuracy {self.evaluation.accuracy:.4f}, loss "
+                f"{self.evaluation.loss:.4f} on {self.data}{seeds})")
+
+    @property
+    def per_class(self) -> Any:
+        """Precision, recall, F1 and support per class (a pandas DataFrame indexed by class)."""
+        import pandas as pd
+
+        ev = self.evaluation
+        return pd.DataFrame({"precision": ev.precision, "recall": ev.recall, "f1": ev.f1,
+                             "support": ev.support}, index=pd.Index(self.classes, name="class"))
+
+    @property
+    def confusion(self) -> Any:
+        """The confusion matrix as a DataFrame: rows the true class, columns the predicted."""
+        import pandas as pd
+
+        return pd.DataFrame(self.evaluation.confusion,
+                            index=pd.Index(self.classes, name="true"),
+                            columns=pd.Index(self.classes, name="predicted"))
+
+    def plot(self) -> Any:
+        """The confusion matrix as a figure (shown inline in a notebook)."""
+        from mnistlab.report.plots import confusion_figure
+
+        return confusion_figure(self.evaluation, self.classes, f"{self.model}: confusion matrix")
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        ev = self.evaluation
+        head = (f"<p><b>{escape(self.model)}</b> on {escape(self.data)}: accuracy "
+                f"{ev.accuracy:.4f}, loss {ev.loss:.4f}</p>")
+        note = f"<p>{escape(self.note)}</p>" if self.note else ""
+        seeds = ""
+        if len(self.per_seed) > 1:
+            each = ", ".join(f"seed {k}: {a:.4f}" for k, a in self.per_seed.items())
+            seeds = (f"<p>mean over {len(self.per_seed)} seeds ({escape(each)}); the confusion "
+                     "matrix is summed over them</p>")
+        return (head + note + seeds
+                + self.per_class.to_html(float_format="{:.4f}".format)
+                + self.confusion.to_html())
 
     def record(self) -> dict[str, Any]:
         """The JSON form (`mnistlab evaluate --json`): what the text shows, with each class as
@@ -209,8 +301,9 @@ class Scored:
         }
 
 
+@arguments
 def evaluate(target: str | Path, *, data: Data | None = None, run: str | None = None,
-             seed: int | None = None, plots: str | Path | None = None) -> Scored:
+             seed: Seed | None = None, plots: str | Path | None = None) -> Scored:
     """Test accuracy, per-class scores, confusion matrix and worst errors.
 
     `target` is a run directory or a checkpoint file. A run directory gives its winner (chosen
@@ -280,17 +373,27 @@ def _answers(paths: Mapping[int, Path],
         part = source.train
         note = (f"{name} has no labelled test part: scored on its training part, which the "
                 "model may have seen")
-    answers = {s: score(load_checkpoint(p), part) for s, p in paths.items()}
+    models = {s: load_checkpoint(p) for s, p in paths.items()}
+    answers = {s: score(ckpt, part) for s, ckpt in models.items()}
+    theirs = tuple(next(iter(models.values())).inputs.classes)
+    if tuple(part.classes) != theirs[: len(part.classes)]:
+        shown = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")  # noqa: E731
+        warning = (f"warning: the data name their classes {shown(part.classes)}, the model "
+                   f"{shown(theirs)}: scored under the model's names; pass data of the classes "
+                   "the model was trained on")
+        note = f"{note}; {warning}" if note else warning
     return answers, f"{part.origin} ({len(part)} images)", note
 
 
+@arguments
 def predict(model: str | Path | Checkpoint, images: Any) -> list[ImagePrediction]:
-    """Classes and top-3 probabilities for images: file paths, folders (every image file in
+    """Classes and top-3 probabilities for images, by a checkpoint (or a run directory's
+    winner): file paths, folders (every image file in
     them, sorted), glob patterns (`"scans/*.png"`), PIL images, uint8 arrays of the model's input
     shape (already in MNIST form: light digit on black) or of any picture, or a list of them; an
     (N, H, W) array is N images. A file that cannot be read gets its error in its result; the
     others go on."""
-    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(checkpoint_path(model))
     if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[2] not in (3, 4):
         images = list(images)
     elif not isinstance(images, list | tuple):
@@ -298,11 +401,22 @@ def predict(model: str | Path | Checkpoint, images: Any) -> list[ImagePrediction
     return predict_images(ckpt, images)
 
 
+def compare(*run_dirs: str | Path) -> Any:
+    """Configurations of several run directories side by side (a `Comparison`: `.table` and
+    `.pairs` DataFrames, `.write(folder)` for its HTML page, shown inline in a notebook), with
+    paired statistics wherever runs share their test images."""
+    from mnistlab.report.compare import Comparison
+
+    return Comparison(run_dirs)
+
+
+@arguments
 def render(run_dir: str | Path) -> Path:
     """Re-render a run directory's plots, TensorBoard files and report.html from its files."""
     from mnistlab.report import render
 
-    return render(RunDir.existing(run_dir))
+    with claims():
+        return render(RunDir.existing(run_dir))
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -334,12 +448,13 @@ def _run(experiment: Experiment, out: str | Path, source: Source | None,
 
         executor = RayExecutor(ray_address)
     _check_source(experiment.study, source)
-    run_dir = pipeline.run(experiment, watch, out=Path(out), resume=resume, source=source,
-                           executor=executor)
-    if report:
-        from mnistlab.report import render
+    with claims():  # the run directory is this call's until it returns (RunDir.claim)
+        run_dir = pipeline.run(experiment, watch, out=Path(out), resume=resume, source=source,
+                               executor=executor)
+        if report:
+            from mnistlab.report import render
 
-        render(run_dir)
+            render(run_dir)
     return Results(run_dir)
 
 

@@ -1,20 +1,24 @@
 """TensorBoard event files, written while training runs: `tensorboard --logdir RUN_DIR/tb`.
 
-One TensorBoard run per model (configuration × seed), Keras' layout:
+One TensorBoard run per model (configuration × seed), Keras' layout, the seeds of a
+configuration grouped in its folder (TensorBoard's run list and filters show them together):
 
-    tb/<run>-seed<k>/             its hyperparameters, for the HParams plugin (table and parallel
-                                  coordinates over a sweep), with validation and test metrics
-    tb/<run>-seed<k>/train/       loss, accuracy at every record (train mode, mean since the last)
-    tb/<run>-seed<k>/validation/  loss, accuracy at every record: the same tags as train/, so the
+    tb/<run>/seed<k>/             its hyperparameters, for the HParams plugin (table and parallel
+                                  coordinates over a sweep; the hyperparameters that differ
+                                  between configurations first), with validation and test metrics
+    tb/<run>/seed<k>/train/       loss, accuracy and learning_rate at every record (train mode,
+                                  mean since the last; the rate of the record's step)
+    tb/<run>/seed<k>/validation/  loss, accuracy at every record: the same tags as train/, so the
                                   two curves overlay
-    tb/<run>-seed<k>/test/        loss, accuracy once, at the last step
-    tb/<run>-seed<k>/images/      the configuration's confusion matrix (the report adds it)
+    tb/<run>/seed<k>/test/        loss, accuracy once, at the last step
+    tb/<run>/seed<k>/images/      the configuration's confusion matrix (the report adds it)
 
-Events are appended as records come, with their real wall time, through TensorBoard's own record
-format, synchronously: no writer threads, no open file per model between records (a sweep of a
-thousand models stays within any file-handle limit). A process that writes to a run again (a
-resumed study) first logs a session restart at its first step, which TensorBoard's reader takes
-as "drop what an earlier process wrote from this step on": the records a killed run had written
+Events are appended (and flushed) as records come, with their real wall time, through
+TensorBoard's own record format, synchronously: no writer threads, no open file per model
+between records (a sweep of a thousand models stays within any file-handle limit). A process
+that writes to a run again (a resumed study) first logs a session restart at its first step,
+which TensorBoard's reader takes as "drop what an earlier process wrote from this step on": the
+records a killed run had written
 after its last saved state are replaced, never shown twice.
 """
 
@@ -36,15 +40,24 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from mnistlab.config import RunConfig, Schedule
 from mnistlab.errors import MnistlabError
+from mnistlab.schedules import constant, rates
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}
 METRICS = ("loss", "accuracy")
 
 
 def model_name(run: str, seed: int) -> str:
-    """A model's TensorBoard run: its configuration and seed (a file-name-safe form)."""
+    """A model's TensorBoard run: its configuration's folder (a file-name-safe form), then its
+    seed's."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in run).lstrip(".") or "_"
-    return f"{safe}-seed{seed}"
+    return f"{safe}/seed{seed}"
+
+
+def has_curves(folder: Path) -> bool:
+    """Whether `folder` (a run's tb/) holds training curves, in this layout or the earlier
+    `<run>-seed<k>/` one."""
+    pattern = "events.out.tfevents.*"
+    return any(folder.glob(f"*/*/train/{pattern}")) or any(folder.glob(f"*/train/{pattern}"))
 
 
 class Board:
@@ -54,6 +67,7 @@ class Board:
     def __init__(self, folder: Path, configs: Mapping[str, tuple[RunConfig, Schedule]]):
         self.folder, self.configs = Path(folder), configs
         self.written: dict[tuple[str, int, str], int] = {}  # (run, seed, sub-run) → last step
+        self._rates: dict[tuple[str, int], list[float]] = {}  # (run, steps) → lr per step
         self._write_experiment()
 
     def record(self, event: Any) -> None:
@@ -66,10 +80,24 @@ class Board:
         for row in rows:
             key = (row["run"], row["seed"], SPLITS[row["split"]])
             if row["step"] > self.written.get(key, 0):
-                event = _scalars(row["step"], {m: row[m] for m in METRICS})
-                by_run.setdefault(key, []).append(event)
+                values = {m: row[m] for m in METRICS}
+                if row["split"] == "train" and row["run"] in self.configs:
+                    values["learning_rate"] = self._rate(row)
+                by_run.setdefault(key, []).append(_scalars(row["step"], values))
         for (run, seed, sub), events in by_run.items():
             self._append(run, seed, sub, events)
+
+    def _rate(self, row: Mapping[str, Any]) -> float:
+        """The learning rate of a record's step (its configuration's schedule over the run)."""
+        config, schedule = self.configs[row["run"]]
+        if constant(config):
+            return config.lr
+        per_epoch = round(row["step"] / row["epoch"]) if row["epoch"] else 1
+        steps = per_epoch * schedule.epochs
+        if (row["run"], steps) not in self._rates:
+            self._rates[row["run"], steps] = [lr for lr, _ in rates(config, steps)]
+        table = self._rates[row["run"], steps]
+        return table[min(row["step"], len(table)) - 1]
 
     def finish(self, runs: Sequence[Mapping[str, Any]]) -> None:
         """Each model's test loss and accuracy at its last step (summary.json's `runs`)."""
@@ -95,8 +123,12 @@ class Board:
         """The HParams plugin's table: which hyperparameters and which metrics (once)."""
         if any(self.folder.glob("events.out.tfevents.*")):
             return
-        names = sorted({k for config, schedule in self.configs.values()
-                        for k in _hparams(config, schedule, 0)})
+        values = [_hparams(config, schedule, 0) for config, schedule in self.configs.values()]
+        names = sorted({k for v in values for k in v})
+        varied = [n for n in names if n != "configuration"
+                  and len({repr(v.get(n)) for v in values}) > 1]
+        names = ["configuration", *varied, *(n for n in names
+                                             if n not in varied and n != "configuration")]
         metrics = [hparams.Metric(m, group=g) for g in ("validation", "test", "train")
                    for m in METRICS]
         summary = hparams.hparams_config_pb([hparams.HParam(n) for n in names], metrics)

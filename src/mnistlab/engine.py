@@ -108,6 +108,29 @@ class RecordEvent:
     rows: list[dict]
 
 
+class StepEvent:
+    """Passed to `on_step` every STEP_EVERY seconds at most (and after a session's first step):
+    where training is. `loss()` is the mean training loss of each model since the last record;
+    it reads the device, so it costs a host sync, paid only by a caller that asks."""
+
+    def __init__(self, step: int, total_steps: int, steps_per_epoch: int,
+                 loss_sum: Tensor, since: int):
+        self.step, self.total_steps, self.steps_per_epoch = step, total_steps, steps_per_epoch
+        self._loss_sum, self._since = loss_sum, since
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def loss(self) -> list[float]:
+        if not self._since:
+            return [math.nan] * len(self._loss_sum)
+        return (self._loss_sum / self._since).tolist()
+
+
+STEP_EVERY = 0.2  # seconds between on_step calls: a live bar's refresh, not a per-step cost
+
+
 @dataclass
 class TrainResult:
     rows: list[dict]  # run, seed, step, epoch, split ("train"|"val"), loss, accuracy
@@ -281,6 +304,7 @@ class _Training:
             "schedule": to_dict(schedule),
             "data": _digest(splits.train.images, splits.train.labels, splits.val.images,
                             splits.val.labels),
+            "test": _digest(splits.test.images, splits.test.labels),  # scored once, at the end
             "device": device.type,
             "arithmetic": arithmetic.as_dict(),
         }))
@@ -444,8 +468,13 @@ class _Training:
         except (ConfigError, ValueError) as exc:
             raise CheckpointError(f"{path}: damaged resume state metadata ({exc}); {fix}") from None
         self._check_arithmetic(path, saved.get("arithmetic"))
+        if "test" not in saved:
+            raise MnistlabError(f"{path}: this resume state does not record its test data (an "
+                                "older mnistlab wrote it); finish it with that version, or "
+                                "start a new run")
         for what, mine in self.fingerprint.items():
             if saved.get(what) != mine:
+                what = "test data" if what == "test" else what
                 raise MnistlabError(
                     f"{path}: this resume state was written for other {what} than this run's; "
                     "resume with the same configurations, seeds, schedule, data and device, "
@@ -631,13 +660,15 @@ def train(
     on_record: Callable[[RecordEvent], None] | None = None,
     on_log: Callable[[str], None] | None = None,
     arithmetic: Arithmetic | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
 ) -> TrainResult:
     """Train every member on `splits` (see the module docstring for the schedule and faults).
 
     With `resume` and an existing `state_path`, continue from it; the result equals an
     uninterrupted run's exactly. A missing state file starts from scratch. `arithmetic`
     (mnistlab.arithmetic) is how the stack computes; by default what the environment asks for
-    on the device, and an explicit one must be possible here.
+    on the device, and an explicit one must be possible here. `on_step` hears where training
+    is, a few times a second (StepEvent), for a live progress bar.
     """
     members = list(members)
     _check_members(members)
@@ -652,10 +683,15 @@ def train(
         run.load(Path(state_path))
     start = time.perf_counter() - run.seconds
     writer = _StateWriter()
+    next_report = 0.0  # on_step: the first step reports at once, then every STEP_EVERY seconds
     with torch.no_grad(), _deferred_interrupt() as interrupted:
         try:
             while run.step < run.total:
                 run.train_step()
+                if on_step and (now := time.monotonic()) >= next_report:
+                    next_report = now + STEP_EVERY
+                    on_step(StepEvent(run.step, run.total, run.steps_per_epoch, run.loss_sum,
+                                      run.since))
                 if run.step % schedule.record_every == 0 or run.step == run.total:
                     rows = run.record()
                     if on_record:

@@ -25,7 +25,8 @@ from torch import nn
 
 from mnistlab.atomic import atomic_path
 from mnistlab.errors import MnistlabError
-from mnistlab.model import Checkpoint, load_checkpoint
+from mnistlab.model import Checkpoint
+from mnistlab.modules import load_checkpoint
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession

@@ -13,6 +13,7 @@ import csv
 import glob
 import io
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mnistlab.atomic import atomic_write_text
 from mnistlab.data.csv import read_csv
 from mnistlab.errors import DataError, MnistlabError
-from mnistlab.model import Checkpoint, load_checkpoint
+from mnistlab.inputs import open_input
+from mnistlab.model import Checkpoint, finite_outputs
+from mnistlab.modules import load_checkpoint
 
 DIGIT_BOX = 20 / 28  # MNIST fits each digit into 20×20 of the 28×28 field
 MIN_CONTRAST = 32.0  # ink must differ from the background by this much (0..255) to count
 NOISE = 0.15  # after stretching the ink to 0..1, fainter pixels do not extend the bounding box
 BATCH = 4096  # rows per forward pass in CSV inference: bounded memory for any file size
+MAX_PIXELS = 50_000_000  # an image file's pixels (a 50 MP photo); PIL's own warning is at 89 M
 # What a folder's files must end with (any case) to be read as images; the rest are skipped.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
                   ".ppm", ".pbm")
@@ -76,6 +80,8 @@ def preprocess_image(
     A uint8 array may be (H, W), (H, W, 3) RGB or (H, W, 4) RGBA. A blank image is a MnistlabError.
     """
     gray = _grayscale(img if isinstance(img, Image.Image) else _from_array(img))
+    if gray.size == 0:
+        raise MnistlabError(f"an empty image ({'x'.join(map(str, gray.shape))}); pass a picture")
     ink = _ink(gray)
     rows, cols = np.flatnonzero((ink > NOISE).any(1)), np.flatnonzero((ink > NOISE).any(0))
     digit = _fit(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], shape)
@@ -86,9 +92,10 @@ def _from_array(array: np.ndarray) -> Image.Image:
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.dtype != np.uint8 or array.shape[2:] not in ((), (3,), (4,)) or array.ndim < 2:
+    if (array.dtype != np.uint8 or array.shape[2:] not in ((), (3,), (4,)) or array.ndim < 2
+            or array.size == 0):
         raise MnistlabError(
-            "image array must be uint8 (H, W), (H, W, 3) or (H, W, 4), "
+            "image array must be a non-empty uint8 (H, W), (H, W, 3) or (H, W, 4), "
             f"got {array.dtype} {array.shape}"
         )
     return Image.fromarray(array)
@@ -153,7 +160,7 @@ def _probabilities(ckpt: Checkpoint, images: np.ndarray) -> torch.Tensor:
             torch.softmax(ckpt.model(ckpt.inputs.prepare(images[i : i + BATCH])), dim=1)
             for i in range(0, len(images), BATCH)
         ]
-    return torch.cat(parts)
+    return finite_outputs(ckpt, torch.cat(parts))
 
 
 def _load_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -161,10 +168,17 @@ def _load_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise MnistlabError(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)})"
                             "; pass image files or a folder of them")
     try:
-        with Image.open(path) as img:
-            img.load()
-            upright = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
-            return preprocess_image(upright, shape)
+        with open_input(path, "an image file") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides
+            img = Image.open(f)
+            if img.width * img.height > MAX_PIXELS:  # judged from the header, before decoding
+                raise MnistlabError(
+                    f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS:,} mnistlab "
+                    "decodes (a decompression bomb, or a needlessly large scan); scale it down")
+            with img:
+                img.load()
+                upright = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
+                return preprocess_image(upright, shape)
     except FileNotFoundError:
         missing = "no file matches this pattern" if _is_pattern(str(path)) else "no such file"
         raise MnistlabError(f"{path}: {missing}; check the path") from None
@@ -173,6 +187,8 @@ def _load_image(path: Path, shape: tuple[int, int]) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         detail = str(exc).replace("\n", " ")
         raise MnistlabError(f"{path}: unreadable image ({detail}); re-save it as PNG") from None
+    except DataError:
+        raise  # open_input's: it names the file already
     except MnistlabError as exc:
         raise MnistlabError(f"{path}: {exc}") from None
 
@@ -351,7 +367,7 @@ def predict_command(
     if submission is not None and csv is None:
         raise MnistlabError("predict: --submission writes --csv's predictions; pass --csv FILE")
     if sum((submission is not None, out is not None, as_json)) > 1:
-        raise MnistlabError("predict: --submission, --out and --json are different outputs; "
+        raise MnistlabError("predict: --submission, --save and --json are different outputs; "
                             "pass one of them")
     ckpt = load_checkpoint(checkpoint)
     if submission is not None:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from mnistlab import stats
-from mnistlab.model import Checkpoint, load_checkpoint
-from mnistlab.runs import RunDir
+from mnistlab.model import Checkpoint
+from mnistlab.modules import load_checkpoint
+from mnistlab.runs import METRIC_COLUMNS, RunDir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,6 +27,32 @@ if TYPE_CHECKING:
 # summary.json's per-configuration statistics, as DataFrame columns (mean and 95% interval)
 _DESCRIBED = ("test_accuracy", "final_val_accuracy", "best_val_accuracy", "test_loss",
               "train_val_gap")
+CORE = ("lr", "hidden", "dropout", "layernorm")  # a lone configuration's hyperparameter columns
+METRICS = ("accuracy", "loss")  # what metrics.csv records, and so what `plot` can draw
+
+
+def varied(configs: list[dict[str, Any]]) -> list[str]:
+    """The configuration fields whose values differ between `configs` (RunConfig dicts), in
+    field order; for a lone configuration, CORE."""
+    fields = list(dict.fromkeys(k for c in configs for k in c if k != "name"))
+    if len(configs) < 2:
+        return [f for f in CORE if f in fields]
+    return [f for f in fields if len({repr(c.get(f)) for c in configs}) > 1]
+
+
+class Page:
+    """An HTML file shown inline in a notebook (in an iframe: its styles stay its own)."""
+
+    def __init__(self, path: Path, height: int = 800):
+        self.path, self.height = Path(path), height
+
+    def __repr__(self) -> str:
+        return f"Page({str(self.path)!r})"
+
+    def _repr_html_(self) -> str:
+        page = html.escape(self.path.read_text(encoding="utf-8"), quote=True)
+        return (f'<iframe srcdoc="{page}" style="width:100%;height:{self.height}px;border:0">'
+                "</iframe>")
 
 
 class Results:
@@ -55,7 +82,7 @@ class Results:
     def metrics(self) -> pd.DataFrame:
         """Every record, long format as in metrics.csv: run, seed, step, epoch, split, loss,
         accuracy."""
-        return pd.read_csv(self.run_dir.metrics_path)
+        return pd.DataFrame(self.run_dir.read_metrics(), columns=list(METRIC_COLUMNS))
 
     @cached_property
     def runs(self) -> pd.DataFrame:
@@ -65,16 +92,39 @@ class Results:
 
     @cached_property
     def summary(self) -> pd.DataFrame:
-        """One row per configuration: seeds, and for each statistic its mean and 95% interval
-        over seeds (`<stat>`, `<stat>_low`, `<stat>_high`), and how many seeds diverged."""
+        """One row per configuration: its hyperparameters that differ between configurations
+        (a lone one: lr, hidden, dropout, layernorm), seeds, and for each statistic its mean and
+        95% interval over seeds (`<stat>`, `<stat>_low`, `<stat>_high`), and how many seeds
+        diverged."""
         rows = []
+        fields = varied([c["config"] for c in self.raw["configs"]])
+        plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
         for c in self.raw["configs"]:
-            row: dict[str, Any] = {"configuration": c["run"], "seeds": c["n"]}
+            row: dict[str, Any] = {"configuration": c["run"],
+                                   **{f: plain(c["config"].get(f)) for f in fields},
+                                   "seeds": c["n"]}
             for key in _DESCRIBED:
                 d = c[key]
                 row |= {key: d["mean"], f"{key}_low": d["ci_low"], f"{key}_high": d["ci_high"]}
             rows.append(row | {"diverged": c["diverged"]})
         return pd.DataFrame(rows).set_index("configuration")
+
+    @cached_property
+    def comparisons(self) -> pd.DataFrame:
+        """Each compared pair (a − b on the test set, a ranked higher on validation): the
+        difference with its 95% interval, bootstrap p and its Holm correction, significance,
+        the probability that a seed of a beats one of b, and McNemar's p per seed pair."""
+        rows = [{"a": p["a"], "b": p["b"], "diff": p["diff"], "ci_low": p["ci_low"],
+                 "ci_high": p["ci_high"], "p": p["p"], "p_holm": p["p_holm"],
+                 "significant": p["significant"], "p_a_beats_b": p["p_a_beats_b"],
+                 "mcnemar_p": [t["p"] for t in p["mcnemar"]], "note": p.get("note", "")}
+                for p in self.raw["comparisons"]["pairs"]]
+        return pd.DataFrame(rows, columns=["a", "b", "diff", "ci_low", "ci_high", "p", "p_holm",
+                                           "significant", "p_a_beats_b", "mcnemar_p", "note"])
+
+    def report(self, height: int = 800) -> Page:
+        """report.html, shown inline in a notebook (`results.report()`)."""
+        return Page(self.report_path, height)
 
     def checkpoint(self, name: str | None = None, seed: int | None = None) -> Checkpoint:
         """A model with its configuration and input normalisation; by default the winner's (the
@@ -93,10 +143,18 @@ class Results:
         return {(r["run"], r["seed"]): self.model(r["run"], r["seed"]) for r in self.raw["runs"]}
 
     def plot(self, metric: str = "accuracy") -> Figure:
-        """Every configuration's validation curve (mean over seeds, min–max band)."""
+        """Every configuration's validation curve (mean over seeds, min–max band) of `metric`,
+        accuracy or loss; shown inline in a notebook."""
         from mnistlab.report.plots import comparison_figure
 
-        names = [c["run"] for c in self.raw["configs"]]
+        if metric not in METRICS:
+            from mnistlab.errors import MnistlabError
+            from mnistlab.suggest import did_you_mean
+
+            raise MnistlabError(f"plot({metric!r}): no such curve{did_you_mean(metric, METRICS)};"
+                                f" the records hold {' and '.join(METRICS)} (per-class scores: "
+                                "ml.evaluate(path).per_class)")
+        names = self.raw["selection"]["ranking"]  # best first: a large sweep shows its top
         rows = self.metrics.to_dict("records")
         return comparison_figure(rows, names, metric, self.raw.get("steps_per_epoch"))
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mnistlab import engine
+from mnistlab import engine, general
 from mnistlab.arithmetic import Arithmetic
 from mnistlab.config import Schedule
 from mnistlab.data.dataset import Splits
@@ -31,7 +31,7 @@ from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Predictions
 from mnistlab.experiment.plan import Job, auto_stack_size, free_bytes
 from mnistlab.experiment.trials import Trial
-from mnistlab.model import checkpoint_bytes
+from mnistlab.modules import checkpoint_bytes
 
 
 class Watcher(Protocol):
@@ -118,6 +118,7 @@ def train_job(
     on_log: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     arithmetic: Arithmetic | None = None,
+    on_step: Callable[[engine.StepEvent], None] | None = None,
 ) -> JobResult:
     """Train one job's stack (continuing from `state_path` when it holds a resume state); writes
     nothing but resume states, so it can run anywhere.
@@ -128,10 +129,16 @@ def train_job(
     model of a split stack says so in its summary (`stack_split`), and `on_note` hears why.
     """
 
+    # The MLP's specialised engine, or the general one for any other model (mnistlab.general).
+    # Only the MLP's reports steps between records (`on_step`, for a live bar).
+    mlp = job.members[0].config.model == "mlp"
+    trainer = engine.train if mlp else general.train
+    steps = {"on_step": on_step} if mlp and on_step else {}
+
     def attempt(members: list[Member], path: Path | None) -> TrainResult:
-        return engine.train(splits, members, job.schedule, device=device, state_path=path,
-                            resume=True, on_record=on_record, on_log=on_log,
-                            arithmetic=arithmetic)
+        return trainer(splits, members, job.schedule, device=device, state_path=path,
+                       resume=True, on_record=on_record, on_log=on_log, arithmetic=arithmetic,
+                       **steps)
 
     parts = _fitted(list(job.members), state_path, attempt, device, on_note or (lambda _: None))
     gc.collect()  # the last stack's gradients and moments (a reference cycle) before the copies
@@ -261,7 +268,7 @@ class LocalExecutor:
             try:
                 result = train_job(job, splits, device, state_path=state_path(job.key),
                                    on_record=watch.record, on_log=watch.log, on_note=watch.note,
-                                   arithmetic=arithmetic)
+                                   arithmetic=arithmetic, on_step=getattr(watch, "step", None))
             finally:
                 watch.stack_finished()
             yield job, result

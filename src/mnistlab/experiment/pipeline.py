@@ -17,19 +17,27 @@ from typing import Any, Protocol
 
 import torch
 
+from mnistlab import augment
 from mnistlab.arithmetic import Arithmetic, honour, overridden, requested
 from mnistlab.board import Board
 from mnistlab.config import study_to_toml
 from mnistlab.data import Source, load, make_splits
 from mnistlab.data.dataset import Splits
 from mnistlab.errors import MnistlabError
-from mnistlab.experiment.executor import JobResult, LocalExecutor, Outcome, Watcher
+from mnistlab.experiment.executor import (
+    JobResult,
+    LocalExecutor,
+    Outcome,
+    Watcher,
+    steps_per_epoch,
+)
 from mnistlab.experiment.halving import successive_halving
 from mnistlab.experiment.plan import Job, plan
 from mnistlab.experiment.summary import latest, summarize
 from mnistlab.experiment.sweep import sweep_to_toml
 from mnistlab.experiment.trials import Experiment, Trial
 from mnistlab.runs import RunDir, environment
+from mnistlab.schedules import check_length
 
 
 class Executor(Protocol):
@@ -76,6 +84,7 @@ def run(
     env.json, and a resumed run trains with the one it recorded.
     """
     splits = load_splits(experiment, source)
+    check_fits(experiment, splits)
     executor = executor or LocalExecutor()
     with executor.session():
         recorded = resume.recorded_arithmetic() if resume is not None else None
@@ -88,6 +97,9 @@ def run(
             size = executor.stack_size(experiment.trials(), splits, device)
             experiment = experiment.with_stack_size(size)
         run_dir = _open(experiment, out, resume)
+        if resume is not None and _complete(resume):  # checked like any resume, then said so
+            watch.note(f"{resume.root} is complete: nothing to resume (its results as they are)")
+            return resume
         board = Board(run_dir.tensorboard, {c.name: (c, experiment.schedule(c.name))
                                             for c in experiment.study.runs})
         watch = _AlsoLogged(watch, board)
@@ -112,12 +124,31 @@ def run(
     return run_dir
 
 
+def _complete(run_dir: RunDir) -> bool:
+    """Whether a run directory holds its summary (written last): a finished run. A damaged
+    summary is not: resuming rewrites it."""
+    try:
+        run_dir.read_summary()
+    except MnistlabError:
+        return False
+    return True
+
+
+def check_fits(experiment: Experiment, splits: Splits) -> None:
+    """The settings that only the data can bound, checked before a run directory exists: each
+    configuration's shift within its images, its schedule's length in steps."""
+    for config in experiment.study.runs:
+        augment.check_fits(config, splits.train.images.shape[1:])
+        schedule = experiment.schedule(config.name)
+        check_length(config, steps_per_epoch(len(splits.train), schedule) * schedule.epochs)
+
+
 def _open(experiment: Experiment, out: Path, resume: RunDir | None) -> RunDir:
     """The run directory: a new one, or the resumed one cleared of a killed run's unfinished
-    writes (this run owns it now)."""
+    writes (this run owns it now: claimed, so a second resume of it is refused in one line)."""
     if resume is None:
         return _new_run_dir(experiment, out)
-    resume.remove_temp_files()
+    resume.claim().remove_temp_files()
     return resume
 
 

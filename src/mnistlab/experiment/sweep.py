@@ -182,7 +182,7 @@ def sweep_from_dict(values: Any, where: str = "sweep") -> SweepSpec:
 
 
 def sweep_to_toml(spec: SweepSpec) -> str:
-    """The sweep file that re-runs `spec` (with `mnistlab sweep --grid FILE`)."""
+    """The sweep file that re-runs `spec` (with `mnistlab sweep --config FILE`)."""
     values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(SweepSpec)}
     values["base"] = {k: v for k, v in to_dict(spec.base).items() if k != "name"}
     values["schedule"] = to_dict(spec.schedule)

@@ -24,6 +24,7 @@ from mnistlab.stats import seed_band
 
 SPLIT_STYLE = {"train": ("tab:blue", "training"), "val": ("tab:orange", "validation")}
 ZOOM_RECORDS = 20  # fewer records than this: no zoomed panel, every point marked
+TOP_K = 12  # configurations a comparison figure draws, best first: 81 would be unreadable
 DPI = 110
 
 
@@ -32,9 +33,18 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
+class InlineFigure(Figure):
+    """A figure that shows itself in any notebook, with no `%matplotlib inline` and no pyplot:
+    IPython displays an object through its `_repr_png_`."""
+
+    def _repr_png_(self) -> bytes:
+        return png_bytes(self)
+
+
 def new_figure(width: float, height: float) -> Figure:
-    """A figure whose layout engine keeps titles, labels and colour bars from overlapping."""
-    return Figure(figsize=(width, height), layout="constrained")
+    """A figure whose layout engine keeps titles, labels and colour bars from overlapping (and
+    that displays inline in a notebook: InlineFigure)."""
+    return InlineFigure(figsize=(width, height), layout="constrained")
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -52,9 +62,19 @@ def _draw_band(ax: Any, steps: np.ndarray, mean: np.ndarray, low: np.ndarray, hi
             linestyle=style)
 
 
+def _positive_values(ax: Any) -> bool:
+    """Whether the axes hold a finite positive value to put on a log scale (a run that diverged
+    at its first step has only NaN and inf)."""
+    values = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    return any(bool(np.any(np.isfinite(v) & (v > 0))) for v in values)
+
+
 def _style_metric_axis(ax: Any, metric: str) -> None:
     if metric == "accuracy":
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    elif not _positive_values(ax):
+        ax.text(0.5, 0.5, "no finite values: diverged", transform=ax.transAxes, ha="center",
+                va="center", color="tab:red")
     else:
         ax.set_yscale("log")  # losses span two orders of magnitude over training
         # Labels 0.1, 0.2, 0.5, 1, ... rather than powers of ten.
@@ -105,8 +125,10 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], me
 
     With at least ZOOM_RECORDS records, a second panel zooms into the second half of training,
     where the configurations are close and the full-range axis would hide their differences;
-    with fewer, the plot says so instead of repeating the same points.
+    with fewer, one panel. `runs` come best first; beyond TOP_K only the best TOP_K are drawn,
+    and the title says so.
     """
+    runs, shown = runs[:TOP_K], _top(runs)
     records = max((len(seed_band(rows, run, "val", metric)[0]) for run in runs), default=0)
     zoomed = records >= ZOOM_RECORDS
     fig = new_figure(12 if zoomed else 8, 4.5)
@@ -121,14 +143,20 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], runs: Sequence[str], me
         if zoomed:
             late = steps >= steps[-1] / 2
             _draw_band(axes[1], steps[late], mean[late], low[late], high[late], color, run, style)
-    titles = ("all iterations", "second half (zoomed)") if zoomed else (
-        f"{records} records: too few to zoom",)
+    titles = ("all iterations", "second half (zoomed)") if zoomed else ("",)
     for ax, title in zip(axes, titles, strict=True):
-        ax.set_title(f"validation {metric}: {title}")
+        ax.set_title(f"validation {metric}{shown}" + (f": {title}" if title else ""))
         ax.set_xlabel(_iteration_label(steps_per_epoch))
         _style_metric_axis(ax, metric)
     axes[0].legend(loc="best", fontsize="small")
     return fig
+
+
+def _top(names: Sequence[str]) -> str:
+    """' (top 12 of 81 configurations, by validation)' where a figure leaves some out."""
+    if len(names) <= TOP_K:
+        return ""
+    return f" (top {TOP_K} of {len(names)} configurations, by validation)"
 
 
 def _colors(n: int) -> list:
@@ -145,7 +173,8 @@ def compare_test_accuracy(configs: Sequence[Mapping[str, Any]],
     interval (seeds and test images) and each seed as a tick, in the order of selection on
     validation, the winner on top."""
     by_name = {c["run"]: c for c in configs}
-    order = [by_name[name] for name in reversed(ranking)]
+    shown = _top(ranking)
+    order = [by_name[name] for name in reversed(ranking[:TOP_K])]
     fig = new_figure(8, 1.2 + 0.55 * len(order))
     ax = fig.add_subplot()
     for y, config in enumerate(order):
@@ -161,32 +190,75 @@ def compare_test_accuracy(configs: Sequence[Mapping[str, Any]],
     ax.set_yticks(range(len(order)), [c["run"] for c in order])
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("test accuracy (dot = mean, bar = 95% interval, ticks = seeds)")
-    ax.set_title(f"test accuracy per configuration (winner on validation: {ranking[0]})")
+    ax.set_title(f"test accuracy per configuration{shown} (winner on validation: {ranking[0]})")
     ax.grid(True, axis="x", alpha=0.3)
     return save_figure(fig, folder / "compare_test_accuracy.png")
 
 
-def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str) -> Path:
-    """Confusion matrix: counts written in the cells, colour by row share (recall per class)."""
-    return save_figure(confusion_figure(ev, classes, title), path)
+def confusion(ev: Evaluation, classes: Sequence[str], path: Path, title: str,
+              seeds: int = 1) -> Path:
+    """Confusion matrix: counts written in the cells, colour by row share (recall per class);
+    mean counts per model over `seeds` seeds where more than one."""
+    return save_figure(confusion_figure(ev, classes, title, seeds), path)
 
 
-def confusion_figure(ev: Evaluation, classes: Sequence[str], title: str) -> Figure:
+# Up to this many classes every cell shows its count, zeros too; beyond, cells shrink so the
+# figure stays within CONFUSION_SIDE inches, and only non-zero counts that fit are written.
+ALL_COUNTS_UP_TO = 20
+CONFUSION_SIDE = 22.0
+TICK_POINTS = (5.0, 8.0)  # the smallest and largest font size of a class name
+
+
+def confusion_figure(ev: Evaluation, classes: Sequence[str], title: str,
+                     seeds: int = 1) -> Figure:
+    """The confusion matrix of `confusion`, readable at any number of classes: square cells of
+    at most 0.62 inch, class names in a font that fits one cell (every k-th name when even the
+    smallest font does not), counts in the cells when their digits fit. With `seeds` > 1, `ev`
+    holds per-model mean counts over that many seeds, and the title says so."""
     n = len(classes)
     share = ev.confusion / np.maximum(ev.confusion.sum(axis=1, keepdims=True), 1)
-    fig = new_figure(1.2 + 0.62 * n, 0.9 + 0.55 * n)
+    cell = min(0.62, CONFUSION_SIDE / n) * 72  # points per cell
+    font = float(np.clip(0.55 * cell, *TICK_POINTS))
+    step = max(1, int(np.ceil(1.3 * font / cell)))  # names per label: 1.3 fonts of height each
+    longest = max(map(len, classes)) * 0.6 * font  # points a name needs written across
+    rotation = 0 if longest <= 0.9 * cell * step else (45 if n <= ALL_COUNTS_UP_TO else 90)
+    room = (longest + 40) / 72  # inches for the names beside and below the matrix
+    side = cell * n / 72
+    fig = new_figure(side + room + 1.6, side + room * (rotation != 0) + 1.4)
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i, j in np.ndindex(n, n):
-        ax.text(j, i, str(ev.confusion[i, j]), ha="center", va="center", fontsize=8,
-                color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted class")
+    _cell_counts(ax, ev.confusion, share, cell)
+    shown = range(0, n, step)
+    ax.set_xticks(shown, [classes[i] for i in shown], rotation=rotation, fontsize=font,
+                  ha="right" if rotation == 45 else "center")
+    ax.set_yticks(shown, [classes[i] for i in shown], fontsize=font)
+    every = "" if step == 1 else f" (every {step}th class named)"
+    ax.set_xlabel(f"predicted class{every}")
     ax.set_ylabel("true class")
-    ax.set_title(f"{title}\naccuracy {ev.accuracy:.2%} on {int(ev.support.sum())} images")
+    images = f"{round(float(ev.support.sum())):,} images"
+    if seeds > 1:
+        images += f" × {seeds} seeds (mean count per model)"
+    ax.set_title(f"{title}\naccuracy {ev.accuracy:.2%} on {images}")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     return fig
+
+
+def _cell_counts(ax: Any, confusion: np.ndarray, share: np.ndarray, cell: float) -> None:
+    """Each cell's count: all of them up to ALL_COUNTS_UP_TO classes, else the non-zero ones in
+    a font that fits the largest count in a cell (none when that font would be under 4 points)."""
+    n = len(confusion)
+    if n <= ALL_COUNTS_UP_TO:
+        cells, font = list(np.ndindex(n, n)), 8.0
+    else:
+        cells = list(zip(*np.nonzero(confusion), strict=True))
+        font = min(7.0, 0.9 * cell / (0.6 * len(str(int(confusion.max())))))
+        if font < 4:
+            return
+    whole = np.issubdtype(confusion.dtype, np.integer)
+    for i, j in cells:
+        count = str(confusion[i, j]) if whole else f"{confusion[i, j]:.1f}".removesuffix(".0")
+        ax.text(j, i, count, ha="center", va="center", fontsize=font,
+                color="white" if share[i, j] > 0.5 else "black")
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -210,11 +282,16 @@ def misclassified(ev: Evaluation, classes: Sequence[str], path: Path, title: str
         if k < len(ev.worst):
             m = ev.worst[k]
             ax.imshow(m.image, cmap="gray_r", vmin=0, vmax=255)
-            ax.set_title(f"true: {classes[m.true]}\npred: {classes[m.predicted]}\n"
+            ax.set_title(f"true: {_short(classes[m.true])}\npred: {_short(classes[m.predicted])}\n"
                          f"{m.confidence:.1%}  #{m.index}", fontsize=8)
     if not ev.worst:
         fig.text(0.5, 0.5, "no errors", ha="center", va="center")
     return save_figure(fig, path)
+
+
+def _short(name: str, width: int = 18) -> str:
+    """A class name cut to what one 1.8-inch grid title holds at 8 points."""
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def evaluation_plots(ev: Evaluation, classes: Sequence[str], folder: Path,

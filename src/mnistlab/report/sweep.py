@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 from matplotlib.ticker import PercentFormatter
+from rich.table import Table
 
 from mnistlab.report.html import mean_ci, pct, table
 from mnistlab.report.plots import new_figure, save_figure
-from mnistlab.report.table import new_table, plain_text
+from mnistlab.report.table import console_width, fitted, folded, new_table, plain_text
 
 HEATMAP = "sweep_heatmap.png"
 TOP_HEADER = (
@@ -68,14 +69,20 @@ def _footer(summary: Mapping[str, Any]) -> str:
     return text + "."
 
 
-def top_text(summary: Mapping[str, Any], n: int = 10, width: int = 110) -> str:
-    """The top-n table for a terminal."""
-    grid = new_table(f"{summary['study']} on {summary['data']}: top {n}", (),
-                     TOP_HEADER)
-    grid.columns[1].justify = "left"  # the configuration's name
-    for row in _rows(summary, n):
-        grid.add_row(*row)
-    return plain_text(grid, _footer(summary), width=width)
+def top_text(summary: Mapping[str, Any], n: int = 10, width: int | None = None) -> str:
+    """The top-n table for a terminal, at `width` (default: the console's); narrower, each
+    interval folds under its mean."""
+    width = width or console_width()
+
+    def make(fold: bool) -> Table:
+        grid = new_table(f"{summary['study']} on {summary['data']}: top {n}", (), TOP_HEADER)
+        grid.columns[1].justify = "left"  # the configuration's name
+        for row in _rows(summary, n):
+            grid.add_row(*(folded(cell) if fold else cell for cell in row))
+        return grid
+
+    return plain_text(fitted(width, lambda: make(False), lambda: make(True)), _footer(summary),
+                      width=width)
 
 
 def top_html(summary: Mapping[str, Any], n: int = 10) -> str:
