@@ -5,8 +5,8 @@ read the IDX files, a seeded 80/20 split, DataLoader batches of 128, nn.Sequenti
 cross-entropy on the logits, 10 epochs, train and validation metrics every 75 iterations, a log
 line every 250, the test set once at the end, and the loss and accuracy curves saved as PNGs.
 
-    farm-bench --vs 'python benchmarks/idiomatic.py' -- mnistlab train --preset baseline \\
-        --data fashion-mnist -q --out /tmp/runs
+    mnistlab train --preset baseline --data fashion-mnist -q --out /tmp/runs   # against:
+    python benchmarks/idiomatic.py                  # paired, alternating whole-process timings
 """
 
 from __future__ import annotations
