@@ -51,6 +51,7 @@ from mnistlab.engine import (
     Interrupted,
     Member,
     Progress,
+    RecordBooks,
     RecordEvent,
     TrainResult,
     _check_members,
@@ -273,7 +274,7 @@ def _column(values: Tensor, like: Tensor) -> Tensor:
 # --- training -----------------------------------------------------------------------------------
 
 
-class _Training:
+class _Training(RecordBooks):
     """One train() call's mutable state: exactly what a resume state file holds."""
 
     def __init__(self, splits: Splits, members: list[Member], schedule: Schedule,
@@ -368,26 +369,6 @@ class _Training:
         self.acc_sum.add_(accuracy)
         self.last_loss.copy_(loss)
 
-    def record(self) -> list[dict]:
-        val_loss, val_acc = evaluate(self.stack, *self.val)
-        train_loss = (self.loss_sum / self.since).tolist()
-        train_acc = (self.acc_sum / self.since).tolist()
-        dead = [d > 0 for d in self.diverged_at.tolist()]
-        epoch = round(self.step / self.steps_per_epoch, 6)
-        rows = [
-            {"run": m.config.name, "seed": m.seed, "step": self.step, "epoch": epoch,
-             "split": split, "loss": math.nan if dead[k] else loss[k],
-             "accuracy": math.nan if dead[k] else acc[k]}
-            for k, m in enumerate(self.members)
-            for split, loss, acc in (("train", train_loss, train_acc), ("val", val_loss, val_acc))
-        ]
-        self.loss_sum.zero_()
-        self.acc_sum.zero_()
-        self.since = 0
-        self.rows += rows
-        self.watch([math.nan if dead[k] else a for k, a in enumerate(val_acc)])
-        return rows
-
     def watch(self, accuracy: list[float]) -> None:
         """Best weights and early stopping after this record's validation `accuracy`."""
         keep, stop = self.monitor.update(self.step, accuracy, self.step == self.total)
@@ -404,17 +385,6 @@ class _Training:
             if step is not None:
                 for name, best in self.best.items():
                     state[name][k].copy_(best[k])
-
-    def log_lines(self) -> list[str]:
-        epoch, i = divmod(self.step - 1, self.steps_per_epoch)
-        if (i + 1) % self.schedule.log_every:
-            return []
-        where = f"epoch {epoch + 1}/{self.schedule.epochs} | step {i + 1}/{self.steps_per_epoch}"
-        return [f"{m.config.name} seed{m.seed} | {where} | loss {loss:.4f}"
-                for m, loss in zip(self.members, self.last_loss.tolist(), strict=True)]
-
-    def diverged(self) -> list[int | None]:
-        return [d or None for d in self.diverged_at.tolist()]
 
     # --- resume state -------------------------------------------------------------------------
 
