@@ -439,9 +439,6 @@ class _Training(RecordBooks):
 
     # --- resume state -------------------------------------------------------------------------
 
-    def save(self, path: Path) -> None:
-        write_state(path, *self.snapshot())
-
     def snapshot(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The state as CPU copies and metadata: training may go on while they are written."""
         books = {**self._books(), **({"perms": self.perms} if self.perms is not None else {})}
@@ -688,6 +685,30 @@ def train(
     run = _Training(splits, members, schedule, dev, spec, arithmetic)
     if resume and state_path is not None and Path(state_path).is_file():
         run.load(Path(state_path))
+    test_loss, test_acc, blocks = run_schedule(
+        run, dev, lambda: run._on_device(splits.test, spec), state_path=state_path,
+        on_record=on_record, on_log=on_log, on_step=on_step)
+    diverged = run.diverged()
+    test = [
+        {"loss": math.nan, "accuracy": math.nan} if d else {"loss": lo, "accuracy": acc}
+        for d, lo, acc in zip(diverged, test_loss, test_acc, strict=True)
+    ]
+    weights = {k: v.cpu() for k, v in run.stack.params.items()}
+    return TrainResult(run.rows, test, diverged, run.monitor.stopped, run.monitor.restored(),
+                       run.seconds, str(dev), members, spec, weights, _test_predictions(blocks),
+                       arithmetic)
+
+
+def run_schedule(
+    run: RecordBooks, dev: torch.device, test_part: Callable[[], tuple[Tensor, Tensor]], *,
+    state_path: Path | None, on_record: Callable[[RecordEvent], None] | None,
+    on_log: Callable[[str], None] | None, on_step: Callable[[StepEvent], None] | None = None,
+) -> tuple[list[float], list[float], list[Tensor]]:
+    """Both engines' loop over `run` (a training state: `_Training` here, mnistlab.general's
+    for other networks): steps, records, log lines, epoch-end resume states, Ctrl-C (the state
+    saved, then Interrupted), best weights, and the test pass once at the end on
+    `test_part()`. Returns the test losses, accuracies and prediction blocks."""
+    schedule = run.schedule
     start = time.perf_counter() - run.seconds
     writer = _StateWriter()
     next_report = 0.0  # on_step: the first step reports at once, then every STEP_EVERY seconds
@@ -717,21 +738,13 @@ def train(
             if state_path is None:
                 raise
             run.seconds = time.perf_counter() - start
-            run.save(Path(state_path))
+            write_state(Path(state_path), *run.snapshot())
             raise Interrupted(Path(state_path)) from None
         writer.wait()
         _sync(dev)
         run.seconds = time.perf_counter() - start
         run.restore_best()
-        test_x, test_y = run._on_device(splits.test, spec)
+        test_x, test_y = test_part()
         blocks: list[Tensor] = []
         test_loss, test_acc = evaluate(run.stack, test_x, test_y, blocks)
-    diverged = run.diverged()
-    test = [
-        {"loss": math.nan, "accuracy": math.nan} if d else {"loss": lo, "accuracy": acc}
-        for d, lo, acc in zip(diverged, test_loss, test_acc, strict=True)
-    ]
-    weights = {k: v.cpu() for k, v in run.stack.params.items()}
-    return TrainResult(run.rows, test, diverged, run.monitor.stopped, run.monitor.restored(),
-                       run.seconds, str(dev), members, spec, weights, _test_predictions(blocks),
-                       arithmetic)
+    return test_loss, test_acc, blocks

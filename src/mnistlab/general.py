@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,23 +47,18 @@ from mnistlab.config import RunConfig, Schedule, to_dict
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.engine import (
     EVAL_CHUNK,
-    Interrupted,
     Member,
     Progress,
     RecordBooks,
     RecordEvent,
     TrainResult,
     _check_members,
-    _deferred_interrupt,
     _digest,
     _set_matmul,
-    _StateWriter,
-    _sync,
     _test_predictions,
-    evaluate,
     input_spec,
     resolve_device,
-    write_state,
+    run_schedule,
 )
 from mnistlab.errors import CheckpointError, ConfigError, MnistlabError
 from mnistlab.model import Checkpoint, InputSpec, json_field, read_safetensors
@@ -488,39 +482,9 @@ def train(
     run = _Training(splits, members, schedule, dev, spec, arithmetic)
     if resume and state_path is not None and Path(state_path).is_file():
         run.load(Path(state_path))
-    start = time.perf_counter() - run.seconds
-    writer = _StateWriter()
-    with torch.no_grad(), _deferred_interrupt() as interrupted:
-        try:
-            while run.step < run.total:
-                run.train_step()
-                if run.step % schedule.record_every == 0 or run.step == run.total:
-                    rows = run.record()
-                    if on_record:
-                        epoch = run.step / run.steps_per_epoch
-                        on_record(RecordEvent(run.step, run.total, epoch, rows))
-                for line in run.log_lines() if on_log else ():
-                    on_log(line)
-                if interrupted():
-                    raise KeyboardInterrupt
-                if state_path is not None and run.step % run.steps_per_epoch == 0:
-                    _sync(dev)
-                    run.seconds = time.perf_counter() - start
-                    writer.submit(Path(state_path), *run.snapshot())
-        except KeyboardInterrupt:
-            writer.wait()
-            if state_path is None:
-                raise
-            run.seconds = time.perf_counter() - start
-            write_state(Path(state_path), *run.snapshot())
-            raise Interrupted(Path(state_path)) from None
-        writer.wait()
-        _sync(dev)
-        run.seconds = time.perf_counter() - start
-        run.restore_best()
-        test_x, test_y = run.on_device(splits.test)
-        blocks: list[Tensor] = []
-        test_loss, test_acc = evaluate(run.stack, test_x, test_y, blocks)
+    test_loss, test_acc, blocks = run_schedule(
+        run, dev, lambda: run.on_device(splits.test), state_path=state_path,
+        on_record=on_record, on_log=on_log)
     diverged = run.diverged()
     test = [{"loss": math.nan, "accuracy": math.nan} if d else {"loss": lo, "accuracy": acc}
             for d, lo, acc in zip(diverged, test_loss, test_acc, strict=True)]
