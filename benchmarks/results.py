@@ -53,6 +53,7 @@ TABLES = {
     "recipe-fashion": Table(("study", "--config", "studies/recipe.toml"), "tuned", 0.89),
     "recipe-mnist": Table(("study", "--config", "studies/recipe.toml", "--data", "mnist"),
                           "tuned"),
+    "lenet5-mnist": Table(("study", "--config", "studies/lenet5-mnist.toml"), "lenet5", 0.99),
     "regeneration-check": Table(("study", "--config", "studies/regeneration-check.toml"),
                                 "tuned"),
 }
