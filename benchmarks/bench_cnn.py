@@ -9,6 +9,11 @@ with shuffle, nn.Module, torch.optim.Adam, nn.CrossEntropyLoss, one model after 
     python benchmarks/bench_cnn.py compare                     # full MNIST, 10 epochs, 3 pairs
     python benchmarks/bench_cnn.py compare --train 2000 --epochs 1 --repeats 1   # a quick look
     python benchmarks/bench_cnn.py stack | loops [...]         # one side, once (what compare times)
+    python benchmarks/bench_cnn.py steps                       # one training step, both sides
+
+`steps` times the training step alone, in one process, alternating: the stack's one step of
+five models (vmap over functional_call, Adam) against one step of each of the five loops
+(nn.Module, torch.optim.Adam), batch 128, random images; no data loading, no evaluation.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnistlab import general, modules
+from mnistlab import engine, modules
 from mnistlab.config import RunConfig, Schedule
 from mnistlab.data import load, make_splits
 from mnistlab.data.dataset import Dataset, Splits
@@ -48,7 +53,7 @@ def splits(data: str, train: int) -> Splits:
 
 def stack(parts: Splits, epochs: int) -> None:
     members = [Member(RunConfig(name=f"lenet5-{lr:g}", model="lenet5", lr=lr), 0) for lr in LRS]
-    general.train(parts, members, Schedule(epochs=epochs, **SCHEDULE), device="cpu")
+    engine.train(parts, members, Schedule(epochs=epochs, **SCHEDULE), device="cpu")
 
 
 def loops(parts: Splits, epochs: int) -> None:
@@ -86,6 +91,48 @@ def loops(parts: Splits, epochs: int) -> None:
         score(model, test)
 
 
+def steps(repeats: int = 5, per_round: int = 10) -> None:
+    """Milliseconds per training step of the stack and of the five loops, alternating."""
+    from mnistlab.engine.module_stack import ModuleStack
+    from mnistlab.model import InputSpec
+
+    torch.manual_seed(0)
+    n, batch = len(LRS), 128
+    spec = InputSpec((28, 28), tuple(str(c) for c in range(10)), 0.0, 1.0)
+    members = [Member(RunConfig(name=f"lenet5-{lr:g}", model="lenet5", lr=lr), 0) for lr in LRS]
+    stacked = ModuleStack(members, spec, torch.device("cpu"), repeats * per_round + 2)
+    x, y, frozen = torch.randn(n, batch, 784), torch.randint(0, 10, (n, batch)), torch.zeros(n)
+    nets = [modules.lenet5() for _ in LRS]
+    optimisers = [torch.optim.Adam(m.parameters(), lr=lr) for m, lr in zip(nets, LRS, strict=True)]
+    loss_fn = nn.CrossEntropyLoss()
+
+    def stack_step(i: int) -> None:
+        with torch.no_grad():
+            stacked.train_step(x, y, i, frozen)
+
+    def loops_step(_: int) -> None:
+        for net, opt in zip(nets, optimisers, strict=True):
+            loss = loss_fn(net(x[0].view(batch, 1, 28, 28)), y[0])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    ms: dict[str, list[float]] = {"stack": [], "loops": []}
+    sides = {"stack": stack_step, "loops": loops_step}
+    for side in sides.values():
+        side(1)  # warm-up
+    for r in range(repeats):
+        for name, side in sides.items():
+            start = time.perf_counter()
+            for i in range(per_round):
+                side(2 + r * per_round + i)
+            ms[name].append((time.perf_counter() - start) / per_round * 1000)
+    stack_ms, loops_ms = (statistics.median(ms[s]) for s in ("stack", "loops"))
+    print(f"one training step of five LeNet-5, {torch.get_num_threads()} threads: stack "
+          f"{stack_ms:.1f} ms, five loops {loops_ms:.1f} ms (medians of {repeats} rounds of "
+          f"{per_round}); the stack is {loops_ms / stack_ms:.2f}× the loops' speed")
+
+
 def compare(args: argparse.Namespace) -> None:
     """Paired whole-process timings, the two sides alternating; medians and their ratio."""
     seconds: dict[str, list[float]] = {"stack": [], "loops": []}
@@ -104,7 +151,7 @@ def compare(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("side", choices=("compare", "stack", "loops"))
+    parser.add_argument("side", choices=("compare", "stack", "loops", "steps"))
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train", type=int, default=0, help="training images (0: all)")
@@ -112,6 +159,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.side == "compare":
         compare(args)
+        return
+    if args.side == "steps":
+        steps()
         return
     {"stack": stack, "loops": loops}[args.side](splits(args.data, args.train), args.epochs)
 

@@ -4,8 +4,9 @@ Fashion-MNIST (Debian's dataset-fashion-mnist), 48,000/12,000 stratified split, 
 (batch 128, record every 75 steps). Each timing excludes data loading and is the median of
 `--repeats`. FLOP counts are nominal, as in issue 3: per model 3 × forward for training plus one
 forward over the validation set per record (≈ 578 GFLOP for 10 epochs). The engine runs with
-the fused CPU kernels (mnistlab.cpu_kernels), with PyTorch operators, or both (`--cpu-fused`);
-with both, each repeat runs the two in turn, so the ratio is measured under the same load.
+the fused CPU kernels (engine/backends/cpu_kernels.py), with PyTorch operators, or both
+(`--cpu-fused`); with both, each repeat runs the two in turn, so the ratio is measured under the
+same load.
 
     python benchmarks/bench_engine.py --epochs 10 --repeats 3
 """
@@ -30,7 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from mnistlab.config import PRESETS, RunConfig, Schedule, seed_study
 from mnistlab.data.dataset import Source, Splits, make_splits
 from mnistlab.data.idx import read_idx
-from mnistlab.engine import Member, _keep_freed_memory, input_spec, train
+from mnistlab.engine import Member, input_spec, train
+from mnistlab.engine.device import keep_freed_memory
 from mnistlab.model import build_mlp
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -133,7 +135,7 @@ def main() -> None:
                         help="the engine with the fused CPU kernels, with PyTorch operators "
                              "(MNISTLAB_CPU_FUSED=0), or both in turn (default)")
     args = parser.parse_args()
-    _keep_freed_memory()  # train() sets this allocator policy; the idiomatic loop gets it too
+    keep_freed_memory()  # train() sets this allocator policy; the idiomatic loop gets it too
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
                        if ln.startswith("Model name")), platform.processor())

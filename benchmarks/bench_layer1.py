@@ -3,7 +3,7 @@
 Members of a stack that see the same batch (one seed, no augmentation) could share one product
 `X @ [W1_1 … W1_N]` instead of N batched ones, and one `Xᵀ @ [dH1_1 … dH1_N]` for the weight
 gradients. The engine keeps a rule this must not break: a model's numbers do not depend on its
-stack neighbours (mnistlab.stack.product). So this script times both ways at the seed study's
+stack neighbours (mnistlab.engine.stack.product). So this script times both ways at the seed study's
 shapes, in the same run as `torch.mm` at 2048² (the machine's matrix rate), and checks whether
 each model's slice of the shared product has the bits of the product the engine computes now
 (which equal the model's product alone).
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from mnistlab.stack import product
+from mnistlab.engine.stack import product
 
 BATCH, INPUTS, WIDTH = 128, 784, 150
 

@@ -7,6 +7,13 @@ line every 250, the test set once at the end, and the loss and accuracy curves s
 
     mnistlab train --preset baseline --data fashion-mnist -q --out /tmp/runs   # against:
     python benchmarks/idiomatic.py                  # paired, alternating whole-process timings
+
+The seed study's other presets, as the student wrote them (LayerNorm after each hidden layer,
+Dropout after the second hidden layer's ReLU and before its LayerNorm), by name:
+
+    python benchmarks/idiomatic.py OUT lr1e-3-p0.2
+
+Five such processes, one per preset, are the yardstick for `mnistlab study --seeds 1`.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+# The seed study's presets: learning rate, LayerNorm, dropout p (mnistlab.config.PRESETS).
+PRESETS = {"baseline": (0.01, False, 0.0), "layernorm-dropout": (0.01, True, 0.5),
+           "lr1e-3-p0.2": (0.001, True, 0.2), "lr5e-4-p0.4": (0.0005, True, 0.4),
+           "lr1e-4-p0.6": (0.0001, True, 0.6)}
 
 
 def read_idx(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +46,17 @@ def read_idx(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def main(out: Path) -> None:
+def network(layernorm: bool, p: float) -> nn.Sequential:
+    if not layernorm:
+        return nn.Sequential(nn.Linear(784, 150), nn.ReLU(), nn.Linear(150, 150), nn.ReLU(),
+                             nn.Linear(150, 10))
+    return nn.Sequential(nn.Linear(784, 150), nn.ReLU(), nn.LayerNorm(150),
+                         nn.Linear(150, 150), nn.ReLU(), nn.Dropout(p), nn.LayerNorm(150),
+                         nn.Linear(150, 10))
+
+
+def main(out: Path, preset: str = "baseline") -> None:
+    lr, layernorm, p = PRESETS[preset]
     torch.manual_seed(0)
     x, y = read_idx(FASHION / "train-images-idx3-ubyte.gz", FASHION / "train-labels-idx1-ubyte.gz")
     tx, ty = read_idx(FASHION / "t10k-images-idx3-ubyte.gz", FASHION / "t10k-labels-idx1-ubyte.gz")
@@ -47,9 +68,8 @@ def main(out: Path) -> None:
     train = DataLoader(tensors(x[order[:cut]], y[order[:cut]]), batch_size=128, shuffle=True)
     val = DataLoader(tensors(x[order[cut:]], y[order[cut:]]), batch_size=1000)
     test = DataLoader(tensors(tx, ty), batch_size=1000)
-    model = nn.Sequential(nn.Linear(784, 150), nn.ReLU(), nn.Linear(150, 150), nn.ReLU(),
-                          nn.Linear(150, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model = network(layernorm, p)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     history: dict[str, list[float]] = {k: [] for k in ("loss", "acc", "val_loss", "val_acc")}
     step, running, correct, seen = 0, 0.0, 0, 0
@@ -102,4 +122,5 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module) -> tuple[
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/idiomatic"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/idiomatic"),
+         sys.argv[2] if len(sys.argv) > 2 else "baseline")

@@ -16,14 +16,16 @@ from bench_gpu import fashion_splits
 from torch.profiler import ProfilerActivity, profile
 
 from mnistlab.config import PRESETS, SEED_STUDY, Schedule
-from mnistlab.engine import Member, _Training, evaluate, input_spec
+from mnistlab.engine import Member, evaluate, input_spec, requested
+from mnistlab.engine.mlp import MLPTraining
 
 
-def training(splits, graphs: bool) -> _Training:
+def training(splits, graphs: bool) -> MLPTraining:
     os.environ["MNISTLAB_CUDA_GRAPHS"] = "1" if graphs else "0"
     members = [Member(c, s) for s in (0, 1, 2) for c in (PRESETS[n] for n in SEED_STUDY)]
     spec = input_spec(splits.train, members[0].config.input_norm)
-    return _Training(splits, members, Schedule(), torch.device("cuda"), spec)
+    device = torch.device("cuda")
+    return MLPTraining(splits, members, Schedule(), device, spec, requested(device))
 
 
 def per_call_ms(fn, calls: int) -> float:

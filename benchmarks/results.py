@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mnistlab import stats
-from mnistlab.arithmetic import Arithmetic
+from mnistlab.engine import Arithmetic
 from mnistlab.evaluation import Predictions
 from mnistlab.runs import RunDir
 
@@ -59,9 +59,9 @@ TABLES = {
 }
 # Per-model fields kept (summary.json's `runs` schema less the training time, which no re-run
 # reproduces).
-RUN_FIELDS = ("run", "seed", "test_accuracy", "test_loss", "final_val_accuracy",
-              "final_val_loss", "best_val_accuracy", "best_val_step", "final_train_accuracy",
-              "final_train_loss", "diverged_at", "stopped_at", "restored_from")
+MODEL_FIELDS = ("run", "seed", "test_accuracy", "test_loss", "final_val_accuracy",
+                "final_val_loss", "best_val_accuracy", "best_val_step", "final_train_accuracy",
+                "final_train_loss", "diverged_at", "stopped_at", "restored_from")
 UNCOMPARED = ("git_rev", "created", "seconds")  # what a faithful re-run may change
 
 
@@ -87,7 +87,7 @@ def collect(name: str, path: Path) -> dict[str, Any]:
     run_dir = RunDir.existing(path)
     summary, env = run_dir.read_summary(), run_dir.read_env()
     table = TABLES[name]
-    runs = [{k: r.get(k) for k in RUN_FIELDS} for r in summary["runs"]]
+    runs = [{k: r.get(k) for k in MODEL_FIELDS} for r in summary["runs"]]
     configs = [_config(c, runs) for c in summary["configs"]]
     out = {
         "table": name,

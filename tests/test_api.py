@@ -178,3 +178,58 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, fashion_di
     exec(compile(code, str(README), "exec"), {})
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "report.html").is_file()
+
+
+def test_a_model_s_default_seed_is_decided_once(tmp_path, monkeypatch):
+    """Results.checkpoint and checkpoint_path (evaluate, predict, export) take the same model of
+    a configuration when no seed is asked: the winner's shown seed, else the first finished
+    seed (mnistlab.stats.shown_seed), never a seed that diverged."""
+    from mnistlab import api, results
+
+    runs = [{"run": "a", "seed": s, "diverged_at": None} for s in (0, 1, 2)]
+    runs += [{"run": "b", "seed": 0, "diverged_at": 40}, {"run": "b", "seed": 1,
+             "diverged_at": None}]
+    summary = {"selection": {"winner": "a", "seed": 2}, "seeds": [0, 1, 2], "runs": runs,
+               "configs": [{"run": "a"}, {"run": "b"}]}
+
+    class Stored:
+        root = tmp_path
+        checkpoints = tmp_path
+
+        def read_summary(self):
+            return summary
+
+        def model_path(self, name, seed):
+            return tmp_path / f"{name}-seed{seed}.safetensors"
+
+    monkeypatch.setattr(api.RunDir, "existing", lambda path: Stored())
+    monkeypatch.setattr(results, "load_checkpoint", lambda path: path)
+    loaded = ml.Results(Stored())
+    for name, seed in (("a", 2), ("b", 1)):
+        assert api.checkpoint_path(tmp_path, name) == Stored().model_path(name, seed)
+        assert loaded.checkpoint(name) == Stored().model_path(name, seed)
+
+
+def test_numpy_numbers_and_arrays_are_taken_as_python_s(digits, tmp_path):
+    """What a notebook holds (np.arange seeds, np.int64 epochs, np.float64 rates, arrays of
+    sizes) is accepted wherever Python's numbers and lists are, and recorded as them."""
+    study = StudyConfig(name="np", runs=RUNS[:1], schedule=TINY, device="cpu")
+    done = ml.study(study, seeds=np.arange(2), epochs=np.int64(1), data=digits,
+                    out=tmp_path, progress=False, report=False)
+    assert done.raw["seeds"] == [0, 1] and load_study(done.run_dir.config_path).seeds == (0, 1)
+    one = ml.train(lr=np.float64(3e-3), hidden=np.array([16, 16]), epochs=np.int64(1),
+                   batch_size=np.int64(64), seed=np.int64(1), data=digits, device="cpu",
+                   out=tmp_path, progress=False, report=False)
+    (config,) = one.raw["configs"]
+    assert config["config"]["lr"] == 3e-3 and config["config"]["hidden"] == [16, 16]
+    assert one.raw["seeds"] == [1]
+    grid = {"name": "np-sweep", "device": "cpu", "base": {"hidden": [16, 16]},
+            "schedule": {"batch_size": 64, "epochs": 1, "record_every": 5},
+            "grid": {"lr": np.array([1e-3, 3e-3])}}
+    swept = ml.sweep(grid, seeds=np.arange(1), data=digits, out=tmp_path, progress=False,
+                     report=False)
+    assert len(swept.raw["configs"]) == 2 and swept.raw["seeds"] == [0]
+    assert RunConfig(hidden=np.array([8, 8]), patience=np.int64(1)) == \
+        RunConfig(hidden=(8, 8), patience=1)
+    with pytest.raises(ConfigError, match=r"^study: seeds must be .*, got \[0\.5\]$"):
+        ml.study(study, seeds=np.array([0.5]))

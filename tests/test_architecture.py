@@ -19,13 +19,20 @@ STAGES = [
     ["mnistlab.data"],
     ["mnistlab.model"],
     ["mnistlab.modules"],
-    ["mnistlab.kernels", "mnistlab.cpu_kernels", "mnistlab.graphs", "mnistlab.schedules",
-     "mnistlab.stopping"],
-    ["mnistlab.arithmetic", "mnistlab.backend"],
-    ["mnistlab.stack"],
-    ["mnistlab.augment"],
+    # the engine, from the ground up to its face (mnistlab.engine's docstring maps it)
+    ["mnistlab.engine.backends.triton_kernels", "mnistlab.engine.backends.cpu_kernels",
+     "mnistlab.engine.backends.cuda_graphs", "mnistlab.engine.seeds", "mnistlab.engine.schedules",
+     "mnistlab.engine.stopping"],
+    ["mnistlab.engine.backends.arithmetic"],
+    ["mnistlab.engine.backends.torch_ops"],
+    ["mnistlab.engine.backends.fused_cpu", "mnistlab.engine.backends.fused_cuda"],
+    ["mnistlab.engine.backends"],
+    ["mnistlab.engine.device", "mnistlab.engine.stack", "mnistlab.engine.augment"],
+    ["mnistlab.engine.records"],
+    ["mnistlab.engine.resume", "mnistlab.engine.loop", "mnistlab.engine.module_stack"],
+    ["mnistlab.engine.mlp", "mnistlab.engine.general"],
+    ["mnistlab.engine.memory"],
     ["mnistlab.engine"],
-    ["mnistlab.general"],
     ["mnistlab.evaluation", "mnistlab.inference", "mnistlab.export", "mnistlab.stats",
      "mnistlab.claims", "mnistlab.progress", "mnistlab.board", "mnistlab.runs"],
     ["mnistlab.experiment.sweep"],
@@ -104,6 +111,15 @@ def test_there_are_no_import_circles():
 
     circles = [c for m in sorted(GRAPH) if m not in state and (c := visit(m, []))]
     assert circles == []
+
+
+def test_only_the_engine_imports_its_modules():
+    """The engine's face is `mnistlab.engine`: a module outside it imports that, never one of
+    the modules behind it (mnistlab.engine.stack, mnistlab.engine.backends, ...)."""
+    inside = [m for m in MODULES if m.startswith("mnistlab.engine.")]
+    reaching_in = [f"{a} -> {b}" for a, targets in GRAPH.items() if a != "mnistlab.engine"
+                   and not a.startswith("mnistlab.engine.") for b in targets if b in inside]
+    assert inside and reaching_in == []
 
 
 def test_the_walker_sees_lazy_imports():

@@ -12,14 +12,13 @@ import torch
 from agreement import assert_same
 from typer.testing import CliRunner
 
-from mnistlab import arithmetic as arith
-from mnistlab.arithmetic import Arithmetic, requested
 from mnistlab.cli import app
 from mnistlab.config import PRESETS, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Member, train
+from mnistlab.engine import Arithmetic, Member, requested, train
+from mnistlab.engine.backends import arithmetic as arith
 from mnistlab.errors import MnistlabError
-from mnistlab.model import load_checkpoint
+from mnistlab.modules import load_checkpoint
 from mnistlab.progress import Progress
 
 CPU = torch.device("cpu")

@@ -156,3 +156,61 @@ def test_a_resumed_study_continues_the_streams_without_duplicates(digits, tmp_pa
     fresh = ml.study(STUDY, data=digits, out=tmp_path / "fresh", progress=False, report=False)
     assert fresh.run_dir.metrics_path.read_text() == results.run_dir.metrics_path.read_text()
     shutil.rmtree(tmp_path / "fresh")
+
+
+def hparams(model_folder) -> dict:
+    """A model's hyperparameters as the HParams plugin reads them."""
+    events = EventAccumulator(str(model_folder))
+    events.Reload()
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    info = plugin_data_pb2.HParamsPluginData.FromString(
+        content[hparams_metadata.SESSION_START_INFO_TAG]).session_start_info
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def test_re_rendered_hparams_match_the_sweep_s_own_schedules(digits, tmp_path):
+    """`mnistlab report` rebuilds the experiment from the run directory (Experiment.from_run_dir):
+    a sweep over a schedule field keeps each configuration's own schedule in the re-rendered
+    TensorBoard hparams, as training wrote them, not the base schedule."""
+    sweep = {"name": "tb-sweep", "device": "cpu", "seeds": [0], "base": {"hidden": [32, 32]},
+             "schedule": {"batch_size": 64, "epochs": 1, "record_every": 5},
+             "grid": {"epochs": [1, 2], "batch_size": [64, 128]}}
+    results = ml.sweep(sweep, data=digits, out=tmp_path, progress=False, report=False)
+    tb = results.run_dir.tensorboard
+    models = sorted(tb.glob("*/seed0"))
+    written = {m.relative_to(tb).as_posix(): hparams(m) for m in models}
+    assert len(written) == 4 and {h["epochs"] for h in written.values()} == {1, 2}
+    shutil.rmtree(tb)  # the report writes the curves and hparams again where none are
+    ml.render(results.path)
+    assert {m.relative_to(tb).as_posix(): hparams(m) for m in sorted(tb.glob("*/seed0"))} \
+        == written
+
+
+def test_records_and_hparams_are_tensorboard_s_own_bytes(monkeypatch, tmp_path):
+    """The framing, checksums and HParams summaries written here (not imported from
+    TensorBoard's writer, issue 22) are byte for byte what TensorBoard's own code makes."""
+    import os
+
+    from tensorboard.plugins.hparams import summary_v2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from mnistlab import board
+
+    for data in (b"", b"brain.Event:2", os.urandom(70_000)):
+        buffer = io.BytesIO()
+        RecordWriter(buffer).write(data)
+        assert board.record(data) == buffer.getvalue()
+    values = {"configuration": "ln", "layernorm": True, "lr": 1e-3, "epochs": 3, "hidden": "32x32"}
+    monkeypatch.setattr(board.time, "time", lambda: 1234.5)
+    assert board.session_start(values, "ln/seed0").SerializeToString() == summary_v2.hparams_pb(
+        values, trial_id="ln/seed0", start_time_secs=1234.5).SerializeToString()
+    board.Board(tmp_path, {c.name: (c, STUDY.schedule) for c in RUNS})  # the experiment's table
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    names = [h.name for h in hparams_metadata.parse_experiment_plugin_data(content).hparam_infos]
+    assert names[:4] == ["configuration", "dropout", "layernorm", "lr"]  # what differs first
+    metrics = [summary_v2.Metric(m, group=g) for g in ("validation", "test", "train")
+               for m in board.METRICS]
+    (value,) = summary_v2.hparams_config_pb([summary_v2.HParam(n) for n in names], metrics).value
+    assert content == value.metadata.plugin_data.content

@@ -25,8 +25,8 @@ from mnistlab.cli import app
 from mnistlab.data import csv, idx, load_path, npz
 from mnistlab.data.dataset import DIGITS, Dataset, class_names
 from mnistlab.errors import DataError
-from mnistlab.evaluation import Evaluation, Predictions, evaluate
-from mnistlab.model import load_checkpoint
+from mnistlab.evaluation import Evaluation, Predictions, score
+from mnistlab.modules import load_checkpoint
 from mnistlab.report import plots
 from mnistlab.report.table import format_evaluation
 
@@ -212,7 +212,7 @@ def test_data_lacking_the_models_last_classes_are_scored_with_the_models_classes
     (checkpoint,) = ckpt_dir.glob("*/checkpoints/*.safetensors")
     part = load_path(_idx_folder(tmp_path / "six", test, test)).test
     assert part.classes == class_names(6)
-    ev = evaluate(load_checkpoint(checkpoint), part)
+    ev = score(load_checkpoint(checkpoint), part)
     assert ev.confusion.shape == (10, 10) and ev.confusion.sum() == len(test)
 
 

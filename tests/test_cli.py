@@ -224,3 +224,60 @@ def test_the_report_footer_says_how_the_run_was_made(idx_dir, tmp_path):
     footer = (run / "report.html").read_text().split("<footer>")[1]
     assert "It was run as <code>mnistlab train --data" in footer
     assert f"mnistlab study --config {run / 'study.toml'}" in footer
+
+
+def test_train_offers_every_configuration_and_schedule_field():
+    """`mnistlab train`'s options are written out for their help text; this keeps them in step
+    with the classes (mnistlab.config's CONFIG_FIELDS and SCHEDULE_FIELDS): a new RunConfig or
+    Schedule field gets an option, or this fails. --beta1/--beta2 set `betas`; split_seed and
+    stack_size are a study file's, not a single run's."""
+    import inspect
+
+    from mnistlab import cli
+    from mnistlab.config import CONFIG_FIELDS, SCHEDULE_FIELDS, STUDY_KEYS
+
+    options = set(inspect.signature(cli.train).parameters)
+    options = options - {"beta1", "beta2"} | {"betas"}
+    own = {"config", "preset", "seed", "out", "resume", "verbose", "quiet", "report"}
+    fields = set(CONFIG_FIELDS) | set(SCHEDULE_FIELDS) | set(STUDY_KEYS)
+    assert options - own == fields - {"split_seed", "stack_size"}
+
+
+def test_train_imports_what_it_uses_and_its_report_is_whole_when_it_returns(idx_dir, tmp_path):
+    """`mnistlab train` as a whole process (issue 22): PyTorch, but not SciPy (one seed has no
+    interval to compute), pandas (no DataFrame is made), matplotlib (the report's figures are
+    drawn by worker processes, none here) or TensorBoard's writer modules (their TensorFlow
+    stand-in pulls boto3 in); and the results are printed, the report complete, when it ends."""
+    import json
+
+    args = ["train", "--data", str(idx_dir), "--hidden", "16", "--dropout-after", "",
+            "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "runs"), "-q"]
+    code = (
+        "import json, sys\nfrom mnistlab.cli import app\nfrom mnistlab.report import workers\n"
+        "here = []\nworkers._here = lambda call: here.append(call[0])  # drawn here: none\n"
+        f"try:\n    app({args!r}, prog_name='mnistlab')\n"
+        "except SystemExit as end:\n    assert not end.code, end.code\n"
+        "heavy = ('scipy', 'pandas', 'matplotlib', 'tensorboard.summary', 'boto3')\n"
+        "print(json.dumps({'loaded': [m for m in heavy if m in sys.modules], 'here': here}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    *printed, last = result.stdout.strip().splitlines()
+    assert json.loads(last) == {"loaded": [], "here": []}
+    (run,) = (tmp_path / "runs").iterdir()
+    assert printed[-1] == f"results: {run}  report: {run / 'report.html'}"
+    assert (run / "report.html").read_text().count("data:image/png") == 4
+    assert sorted(p.name for p in (run / "plots").iterdir()) == [
+        "confusion_h16_da.png", "h16_da_accuracy.png", "h16_da_loss.png",
+        "misclassified_h16_da.png"]
+
+
+def test_no_report_draws_nothing(idx_dir, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--data", str(idx_dir), "--hidden", "16",
+                                      "--dropout-after", "", "--epochs", "1", "--device", "cpu",
+                                      "--out", str(tmp_path / "runs"), "-q", "--no-report"])
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert result.stdout.rstrip().endswith(f"results: {run}")
+    assert not (run / "report.html").exists() and not (run / "plots").exists()
+    assert (run / "summary.json").is_file() and any((run / "tb").iterdir())

@@ -1,4 +1,5 @@
-"""The fused CPU kernels (mnistlab.cpu_kernels) against the PyTorch operators they replace.
+"""The fused CPU kernels (engine/backends/cpu_kernels.py) against the PyTorch operators they
+replace.
 
 Bit for bit where the arithmetic is PyTorch's (Adam, except one-cycle's models; the loss
 gradient; a whole run of models without LayerNorm and dropout), to float32 rounding where it is
@@ -20,13 +21,11 @@ from agreement import assert_backends_agree, assert_same
 from test_engine import GELU, MIXED_LAYERNORM
 from test_recipe import RECIPE
 
-from mnistlab import backend, cpu_kernels
-from mnistlab.arithmetic import requested
-from mnistlab.backend import CpuKernels, TorchOps, cross_entropy
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Interrupted, Member, train
-from mnistlab.stack import Stack
+from mnistlab.engine import Interrupted, Member, backends, requested, train
+from mnistlab.engine.backends import CpuKernels, TorchOps, cpu_kernels, cross_entropy
+from mnistlab.engine.stack import MLPStack
 
 CPU = torch.device("cpu")
 
@@ -50,9 +49,9 @@ def small(member: Member, **changes) -> Member:
     return Member(replace(member.config, hidden=(32, 32), **changes), member.seed)
 
 
-def pair(configs: list[RunConfig], steps: int = 1) -> tuple[Stack, Stack]:
+def pair(configs: list[RunConfig], steps: int = 1) -> tuple[MLPStack, MLPStack]:
     """Two identical stacks, the first with the fused kernels, the second with PyTorch ops."""
-    a, b = (Stack.initial(configs, list(range(len(configs))), 784, 10, CPU, steps)
+    a, b = (MLPStack.initial(configs, list(range(len(configs))), 784, 10, CPU, steps)
             for _ in range(2))
     assert isinstance(a.backend, CpuKernels)
     b.backend = TorchOps(b)
@@ -157,7 +156,7 @@ def test_dropout_stream_is_per_model_step_and_layer(fused):
     function of the model's dropout seed, the step and the layer alone."""
     configs = [replace(PRESETS["lr1e-3-p0.2"], name=n, dropout=p)
                for n, p in (("a", 0.2), ("b", 0.6), ("c", 0.0))]
-    stack = Stack.initial(configs, [0, 0, 0], 784, 10, CPU)
+    stack = MLPStack.initial(configs, [0, 0, 0], 784, 10, CPU)
     ones = torch.ones(3, 4096, 150)
     _, masks = stack.backend.dropout(ones, 0)
     kept = masks > 0
@@ -168,7 +167,7 @@ def test_dropout_stream_is_per_model_step_and_layer(fused):
     both_dropped = (~kept[0] & ~kept[1]).float().mean().item()
     assert both_dropped == pytest.approx(0.2 * 0.6, abs=0.01)
     assert torch.equal(stack.backend.dropout(ones, 0)[1], masks)  # deterministic
-    alone = Stack.initial(configs[1:2], [0], 784, 10, CPU)
+    alone = MLPStack.initial(configs[1:2], [0], 784, 10, CPU)
     assert torch.equal(alone.backend.dropout(ones[1:2], 0)[1][0], masks[1])
     layer = stack.backend.dropout(ones, layer=1)[1]
     stack.adam_step += 1
@@ -260,14 +259,14 @@ def test_on_by_default_and_switched_off_by_the_environment(fused, monkeypatch):
     """The fused step is the default CPU arithmetic; MNISTLAB_CPU_FUSED=0 asks for PyTorch's
     operators (other dropout masks, so other numbers: the run records which)."""
     monkeypatch.delenv("MNISTLAB_CPU_FUSED")
-    assert backend.cpu_kernels(requested(CPU)) is cpu_kernels
-    assert type(Stack.initial([RunConfig()], [0], 784, 10, CPU).backend) is CpuKernels
+    assert backends.cpu_kernels_for(requested(CPU)) is cpu_kernels
+    assert type(MLPStack.initial([RunConfig()], [0], 784, 10, CPU).backend) is CpuKernels
     monkeypatch.setenv("MNISTLAB_CPU_FUSED", "0")
-    assert backend.cpu_kernels(requested(CPU)) is None
-    assert type(Stack.initial([RunConfig()], [0], 784, 10, CPU).backend) is TorchOps
+    assert backends.cpu_kernels_for(requested(CPU)) is None
+    assert type(MLPStack.initial([RunConfig()], [0], 784, 10, CPU).backend) is TorchOps
     monkeypatch.setenv("MNISTLAB_CPU_FUSED", "1")
-    assert backend.cpu_kernels(requested(CPU)) is cpu_kernels
-    assert backend.cpu_kernels(requested(torch.device("meta"))) is None  # CPU stacks only
+    assert backends.cpu_kernels_for(requested(CPU)) is cpu_kernels
+    assert backends.cpu_kernels_for(requested(torch.device("meta"))) is None  # CPU stacks only
 
 
 def test_without_a_compiler_one_line_says_so_and_torch_ops_train(splits, fused, monkeypatch,
@@ -278,7 +277,7 @@ def test_without_a_compiler_one_line_says_so_and_torch_ops_train(splits, fused, 
     try:
         first = train(splits, [small(Member(PRESETS["baseline"], 0))], Schedule(epochs=1),
                       device="cpu")
-        assert type(Stack.initial([RunConfig()], [0], 784, 10, CPU).backend) is TorchOps
+        assert type(MLPStack.initial([RunConfig()], [0], 784, 10, CPU).backend) is TorchOps
         err = capfd.readouterr().err
     finally:
         cpu_kernels.library.cache_clear()

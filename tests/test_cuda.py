@@ -12,12 +12,11 @@ import pytest
 import torch
 from agreement import assert_mostly_close, assert_rows_agree, assert_same
 
-from mnistlab import backend
 from mnistlab.config import PRESETS, SEED_STUDY, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Member, train
-from mnistlab.graphs import GraphedStep
-from mnistlab.stack import Stack
+from mnistlab.engine import Member, backends, train
+from mnistlab.engine.backends.cuda_graphs import GraphedStep
+from mnistlab.engine.stack import MLPStack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -37,16 +36,16 @@ def test_backend_follows_mnistlab_triton_and_mnistlab_cuda_graphs(monkeypatch):
     configs, step = [m.config for m in STUDY], lambda index: None
     monkeypatch.setenv("MNISTLAB_TRITON", "0")
     monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "0")
-    stack = Stack.initial(configs, [m.seed for m in STUDY], 784, 10, torch.device("cuda"))
-    assert type(stack.backend) is backend.TorchOps
+    stack = MLPStack.initial(configs, [m.seed for m in STUDY], 784, 10, torch.device("cuda"))
+    assert type(stack.backend) is backends.TorchOps
     assert stack.backend.step_runner(step) is step
     monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "1")
     graphed = stack.backend.step_runner(step)
     assert isinstance(graphed, GraphedStep) and graphed.generators == stack.generators
     if importlib.util.find_spec("triton") is not None:
         monkeypatch.setenv("MNISTLAB_TRITON", "1")
-        stack = Stack.initial(configs, [m.seed for m in STUDY], 784, 10, torch.device("cuda"))
-        assert type(stack.backend) is backend.TritonLayers
+        stack = MLPStack.initial(configs, [m.seed for m in STUDY], 784, 10, torch.device("cuda"))
+        assert type(stack.backend) is backends.TritonLayers
         assert stack.backend.step_runner(step).generators == []
 
 

@@ -304,6 +304,27 @@ def test_a_single_run_report_is_shaped_as_one_run(runs):
     assert "The model on the test set" in page and "overfits most" not in page
 
 
+def test_a_single_run_draws_no_comparison_and_its_confusion_matrix_once(runs):
+    """One configuration is compared with nothing (issue 22): its own accuracy curve is the
+    first figure, shown once; TensorBoard's confusion image is the report's PNG, not drawn
+    again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = runs["single"].run_dir
+    (name,) = {r["run"] for r in runs["single"].raw["runs"]}
+    assert sorted(p.name for p in run.plots.iterdir()) == sorted(
+        [f"{name}_loss.png", f"{name}_accuracy.png", f"confusion_{name}.png",
+         f"misclassified_{name}.png"])
+    page = run.report_path.read_text(encoding="utf-8")
+    assert page.count("data:image/png") == 4
+    assert f'<figure class="main" id="main-{name}_accuracy">' in page
+    assert f'id="f-{name}_accuracy"' not in page and f'id="f-{name}_loss"' in page
+    images = EventAccumulator(str(run.tensorboard / name / "seed0" / "images"))
+    images.Reload()
+    (image,) = images.Images("confusion_matrix")
+    assert image.encoded_image_string == (run.plots / f"confusion_{name}.png").read_bytes()
+
+
 def test_a_large_sweep_figure_shows_the_top_configurations_and_says_so():
     from mnistlab.report import plots
 

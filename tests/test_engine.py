@@ -8,15 +8,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from reference_loop import reference_run
 from torch import nn
 
-from mnistlab.backend import cross_entropy
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, input_spec, resolve_device, train
+from mnistlab.engine.backends import cross_entropy
+from mnistlab.engine.stack import MLPStack
 from mnistlab.errors import MnistlabError
 from mnistlab.model import build_mlp
-from mnistlab.stack import Stack, derived_seed
 
 LN = PRESETS["lr1e-3-p0.2"]
 
@@ -40,69 +41,6 @@ def fashion_splits(fashion_dir) -> Splits:
     train = source.train
     return Splits(train.subset(np.arange(1280)), train.subset(np.arange(1280, 1580)),
                   source.test.subset(np.arange(200)))
-
-
-def reference_run(splits: Splits, config: RunConfig, seed: int, steps: int, batch: int = 128):
-    """The idiomatic loop: nn.Sequential + torch.optim.Adam (AdamW where the config decays
-    decoupled), the torch scheduler and the smoothed loss the config names, fed the engine's
-    documented batches.
-
-    On one thread: MKL splits a lone matrix product across threads in another summation order
-    than the engine's per-model products (on AVX-512), and over 100 steps a LayerNorm model on
-    random-pixel images amplifies that last-bit difference past any tolerance. One thread gives
-    the reference the engine's rounding, so the comparison tests the arithmetic, not the split.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _reference_run(splits, config, seed, steps, batch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def torch_schedule(config: RunConfig, optimizer: torch.optim.Optimizer, steps: int):
-    """The PyTorch scheduler that `config.lr_schedule` and `warmup` name (see schedules.py)."""
-    sched = torch.optim.lr_scheduler
-    if config.lr_schedule == "onecycle":
-        return sched.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps,
-                                pct_start=config.warmup)
-    warm = round(config.warmup * steps)
-    main = (sched.CosineAnnealingLR(optimizer, T_max=steps - warm)
-            if config.lr_schedule == "cosine" else sched.ConstantLR(optimizer, factor=1.0))
-    if not warm:
-        return main
-    linear = sched.LinearLR(optimizer, start_factor=1 / warm, total_iters=warm - 1)
-    return sched.SequentialLR(optimizer, [linear, main], milestones=[warm])
-
-
-def _reference_run(splits: Splits, config: RunConfig, seed: int, steps: int, batch: int):
-    torch.manual_seed(seed)
-    model = build_mlp(config)
-    if config.decoupled_decay:
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                                eps=config.eps, weight_decay=config.decoupled_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas,
-                               eps=config.eps, weight_decay=config.weight_decay)
-    scheduler = torch_schedule(config, opt, steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    x = input_spec(splits.train, config.input_norm).prepare(splits.train.images)
-    y = torch.as_tensor(splits.train.labels)
-    order = torch.Generator().manual_seed(derived_seed("order", seed))
-    losses, per_epoch = [], math.ceil(len(x) / batch)
-    for step in range(steps):
-        if step % per_epoch == 0:
-            perm = torch.randperm(len(x), generator=order)
-        index = perm[step % per_epoch * batch :][:batch]
-        logits = model(x[index])
-        loss = loss_fn(logits, y[index])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        scheduler.step()
-        # the recorded loss is the plain cross-entropy, as the engine records it
-        losses.append(nn.functional.cross_entropy(logits.detach(), y[index]).item())
-    return model, losses
 
 
 @pytest.mark.parametrize(
@@ -171,7 +109,7 @@ def test_member_of_a_stack_equals_it_trained_alone(splits, members):
 
 def test_initial_weights_are_build_mlp_under_manual_seed():
     configs = [LN, RunConfig(name="x")]  # with and without LayerNorm
-    stack = Stack.initial(configs, [7, 7], 784, 10, torch.device("cpu"))
+    stack = MLPStack.initial(configs, [7, 7], 784, 10, torch.device("cpu"))
     x = torch.rand(5, 784)
     logits, _ = stack.forward(x.expand(2, -1, -1))
     for k, config in enumerate(configs):
@@ -184,7 +122,7 @@ def test_initial_weights_are_build_mlp_under_manual_seed():
 def test_dropout_masks_are_per_model_and_independent():
     configs = [replace(LN, name="a", dropout=0.2), replace(LN, name="b", dropout=0.6),
                replace(LN, name="c", dropout=0.0)]
-    stack = Stack.initial(configs, [0, 0, 0], 784, 10, torch.device("cpu"))
+    stack = MLPStack.initial(configs, [0, 0, 0], 784, 10, torch.device("cpu"))
     _, masks = stack.backend.dropout(torch.ones(3, 4096, 150), 0)
     kept = masks > 0
     assert kept[0].float().mean().item() == pytest.approx(0.8, abs=0.01)
@@ -202,7 +140,7 @@ def test_hand_written_backward_equals_autograd(act, layernorm):
     """Every activation, LayerNorm in all/some/no models, dropout: gradients against autograd."""
     configs = [RunConfig(name=f"m{k}", activation=act, layernorm=layernorm[k], dropout=p,
                          dropout_after=(1, 2)) for k, p in enumerate((0.3, 0.0))]
-    stack = Stack.initial(configs, [0, 1], 784, 10, torch.device("cpu"))
+    stack = MLPStack.initial(configs, [0, 1], 784, 10, torch.device("cpu"))
     x, y = torch.rand(2, 64, 784), torch.randint(0, 10, (2, 64))
     logits, hidden = stack.forward(x, train=True)
     loss, _, dlogits = cross_entropy(logits, y)
@@ -252,7 +190,7 @@ def test_diverged_member_is_frozen_and_others_unaffected(splits):
 def test_checkpoint_model_equals_stacked_forward(splits):
     members = [Member(LN, 0), Member(PRESETS["baseline"], 3)]
     result = train(splits, members, Schedule(epochs=1), device="cpu")
-    stack = Stack([m.config for m in members], [0, 3], result.weights, torch.device("cpu"))
+    stack = MLPStack([m.config for m in members], [0, 3], result.weights, torch.device("cpu"))
     x = result.inputs.prepare(splits.test.images)
     logits, _ = stack.forward(x.expand(2, -1, -1))
     for k in range(2):

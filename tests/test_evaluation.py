@@ -18,12 +18,13 @@ from mnistlab.errors import DataError, MnistlabError
 from mnistlab.evaluation import (
     Evaluation,
     Predictions,
-    evaluate,
     evaluation,
     logits,
     predictions,
+    score,
 )
-from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
+from mnistlab.model import Checkpoint, InputSpec, build_mlp
+from mnistlab.modules import load_checkpoint, save_checkpoint
 from mnistlab.report.table import format_evaluation
 
 SMALL = {"hidden": (64,), "dropout_after": (1,)}  # trains in about a second on two cores
@@ -76,7 +77,7 @@ def checkpoint(data, tmp_path_factory) -> Path:
 
 def test_metrics_match_a_direct_computation(checkpoint, data):
     ckpt, held = load_checkpoint(checkpoint), data[1]
-    ev = evaluate(ckpt, held, worst=20)
+    ev = score(ckpt, held, worst=20)
     with torch.no_grad():
         out = ckpt.model(ckpt.inputs.prepare(held.images))
     labels = torch.as_tensor(held.labels)
@@ -98,7 +99,7 @@ def test_metrics_match_a_direct_computation(checkpoint, data):
 
 def test_macro_averages_are_the_means_over_classes(checkpoint, data):
     ckpt, held = load_checkpoint(checkpoint), data[1]
-    ev = evaluate(ckpt, held)
+    ev = score(ckpt, held)
     with torch.no_grad():
         predicted = ckpt.model(ckpt.inputs.prepare(held.images)).argmax(1).numpy()
     scores = []
@@ -132,7 +133,7 @@ def test_macro_averages_count_the_classes_that_occur():
 
 def test_worst_errors_are_the_most_confident_mistakes(checkpoint, data):
     ckpt, held = load_checkpoint(checkpoint), data[1]
-    ev = evaluate(ckpt, held, worst=20)
+    ev = score(ckpt, held, worst=20)
     with torch.no_grad():
         prob = ckpt.model(ckpt.inputs.prepare(held.images)).softmax(1)
     confidence, predicted = prob.max(1)
@@ -155,7 +156,7 @@ def test_stored_predictions_give_the_same_evaluation(checkpoint, data, tmp_path)
     ckpt, held = load_checkpoint(checkpoint), data[1]
     path = tmp_path / "mlp-seed0.safetensors"
     path.write_bytes(predictions(ckpt, held).to_bytes())
-    stored, direct = evaluation(Predictions.load(path)), evaluate(ckpt, held)
+    stored, direct = evaluation(Predictions.load(path)), score(ckpt, held)
     assert stored.accuracy == direct.accuracy
     assert np.array_equal(stored.confusion, direct.confusion)
     assert stored.loss == pytest.approx(direct.loss, rel=1e-6)
@@ -170,7 +171,7 @@ def test_inference_is_batched_deterministic_and_in_eval_mode(checkpoint, data):
     ckpt.model.train()  # a caller's leftover train mode must not turn dropout on
     images = data[1].images[:100]
     assert torch.allclose(logits(ckpt, images, batch_size=7), logits(ckpt, images), atol=1e-6)
-    first, second = evaluate(ckpt, data[1]), evaluate(ckpt, data[1])
+    first, second = score(ckpt, data[1]), score(ckpt, data[1])
     assert first.loss == second.loss
     assert [m[:4] for m in first.worst] == [m[:4] for m in second.worst]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(first.worst, second.worst,
@@ -181,17 +182,17 @@ def test_unusable_data_is_a_one_line_error_naming_it():
     ckpt = Checkpoint(build_mlp(RunConfig()), RunConfig(), InputSpec())
     images = np.zeros((4, 28, 28), np.uint8)
     with pytest.raises(DataError, match=r"^unlabelled.csv: has no labels.*mnistlab predict"):
-        evaluate(ckpt, Dataset(images, None, origin="unlabelled.csv"))
+        score(ckpt, Dataset(images, None, origin="unlabelled.csv"))
     small = Dataset(np.zeros((4, 14, 14), np.uint8), np.zeros(4, np.int64), origin="small.npz")
     with pytest.raises(DataError, match=r"^small.npz: images are 14x14 but the model expects 28"):
-        evaluate(ckpt, small)
+        score(ckpt, small)
     many = Dataset(images, np.array([0, 1, 12, 3]), classes=tuple("abcdefghijklm"), origin="x.idx")
     with pytest.raises(DataError, match=r"^x.idx: has label 12 but the model knows 10 classes"):
-        evaluate(ckpt, many)
+        score(ckpt, many)
 
 
 def test_format_evaluation_shows_every_table(checkpoint, data):
-    ev = evaluate(load_checkpoint(checkpoint), data[1])
+    ev = score(load_checkpoint(checkpoint), data[1])
     text = format_evaluation(ev, data[1].classes)
     assert f"accuracy {ev.accuracy:.4f}" in text and "(2000 images)" in text
     for title in ("per class", "confusion matrix", "most confident errors"):

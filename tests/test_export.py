@@ -17,7 +17,8 @@ from mnistlab.config import RunConfig
 from mnistlab.data.idx import read_images
 from mnistlab.errors import CheckpointError, MnistlabError
 from mnistlab.export import TOLERANCE, export_command, export_onnx
-from mnistlab.model import Checkpoint, InputSpec, build_mlp, save_checkpoint
+from mnistlab.model import Checkpoint, InputSpec, build_mlp
+from mnistlab.modules import save_checkpoint
 
 ARCHITECTURES = {
     "baseline": (RunConfig(), InputSpec()),

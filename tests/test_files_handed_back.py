@@ -23,13 +23,8 @@ from mnistlab.engine import Member, train
 from mnistlab.errors import CheckpointError, MnistlabError
 from mnistlab.evaluation import Predictions
 from mnistlab.inference import predict_csv
-from mnistlab.model import (
-    Checkpoint,
-    InputSpec,
-    build_mlp,
-    checkpoint_bytes,
-    load_checkpoint,
-)
+from mnistlab.model import Checkpoint, InputSpec, build_mlp
+from mnistlab.modules import checkpoint_bytes, load_checkpoint
 from mnistlab.runs import RunDir
 
 SMALL = RunConfig(name="small", hidden=(8,), dropout_after=())
@@ -78,7 +73,7 @@ def test_metadata_cannot_make_mnistlab_allocate(checkpoint, meta):
     child = f"""
 import resource, sys
 from mnistlab.errors import CheckpointError, MnistlabError
-from mnistlab.model import load_checkpoint
+from mnistlab.modules import load_checkpoint
 size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30),) * 2)  # 1 GiB more than now
 try:

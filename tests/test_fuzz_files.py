@@ -41,7 +41,8 @@ from mnistlab.errors import MnistlabError
 from mnistlab.experiment.sweep import load_sweep, sweep_to_toml
 from mnistlab.experiment.trials import from_sweep
 from mnistlab.inference import predict_images
-from mnistlab.model import Checkpoint, InputSpec, build_mlp, checkpoint_bytes, load_checkpoint
+from mnistlab.model import Checkpoint, InputSpec, build_mlp
+from mnistlab.modules import checkpoint_bytes, load_checkpoint
 from mnistlab.runs import RunDir
 
 EXAMPLES = int(os.environ.get("MNISTLAB_FUZZ_EXAMPLES", 200))

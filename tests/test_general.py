@@ -1,4 +1,4 @@
-"""The general engine: any nn.Module trained as a stack with torch.func (mnistlab.general)."""
+"""The general engine: any nn.Module trained as a stack with torch.func (engine.general)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from agreement import assert_same
 from torch import nn
 
-from mnistlab import general, modules
+from mnistlab import engine, modules
 from mnistlab.config import PRESETS, RunConfig, Schedule, study_from_dict, to_dict
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Member, input_spec
+from mnistlab.engine.seeds import derived_seed
 from mnistlab.errors import ConfigError, MnistlabError
 from mnistlab.modules import checkpoint_bytes, load_checkpoint, save_checkpoint
-from mnistlab.stack import derived_seed
 
 
 def small_cnn() -> nn.Module:
@@ -66,7 +66,7 @@ def test_stack_matches_separate_modules_with_torch_adam_step_for_step(splits):
         _member("c", 0, lr=2e-3, decoupled_decay=0.05, lr_schedule="onecycle", warmup=0.3),
     ]
     schedule = Schedule(batch_size=64, epochs=2, record_every=1, log_every=100)
-    result = general.train(splits, members, schedule, device="cpu")
+    result = engine.train(splits, members, schedule, device="cpu")
     spec = input_spec(splits.train, "scale")
     x, y = spec.prepare(splits.train.images).view(-1, 1, 28, 28), torch.as_tensor(
         splits.train.labels)
@@ -110,8 +110,8 @@ def test_a_model_does_not_depend_on_its_stack_neighbours(splits):
     gives the same bits whatever else is in its stack (of two or more)."""
     me = _member("me", 0, NOISY, lr=2e-3, translate=1)
     schedule = Schedule(batch_size=50, epochs=2, record_every=3, log_every=100)
-    small = general.train(splits, [me, _member("x", 1, NOISY)], schedule, device="cpu")
-    large = general.train(splits, [_member("y", 2, NOISY, lr=1e-2, label_smoothing=0.2),
+    small = engine.train(splits, [me, _member("x", 1, NOISY)], schedule, device="cpu")
+    large = engine.train(splits, [_member("y", 2, NOISY, lr=1e-2, label_smoothing=0.2),
                                    _member("z", 0, NOISY, rotate=5.0), me], schedule,
                           device="cpu")
     assert [r for r in small.rows if r["run"] == "me"] == [r for r in large.rows
@@ -119,7 +119,7 @@ def test_a_model_does_not_depend_on_its_stack_neighbours(splits):
     assert small.test[0] == large.test[2]
     for name, value in small.weights.items():
         assert torch.equal(value[0], large.weights[name][2]), name
-    alone = general.train(splits, [me], schedule, device="cpu")  # beside its twin
+    alone = engine.train(splits, [me], schedule, device="cpu")  # beside its twin
     assert alone.rows == [r for r in small.rows if r["run"] == "me"]
     for name, value in alone.weights.items():
         assert torch.equal(value[0], small.weights[name][0]), name
@@ -129,8 +129,8 @@ def test_a_diverging_member_is_frozen_and_the_others_unaffected(splits):
     schedule = Schedule(batch_size=50, epochs=2, record_every=2, log_every=100)
     ok = _member("ok", 0, lr=1e-3)
     bad = _member("bad", 1, lr=1e30)
-    mixed = general.train(splits, [ok, bad], schedule, device="cpu")
-    healthy = general.train(splits, [ok, _member("other", 1, lr=1e-3)], schedule, device="cpu")
+    mixed = engine.train(splits, [ok, bad], schedule, device="cpu")
+    healthy = engine.train(splits, [ok, _member("other", 1, lr=1e-3)], schedule, device="cpu")
     step = mixed.diverged[1]
     assert mixed.diverged[0] is None and step is not None and 1 <= step <= 12
     assert all(math.isnan(r["loss"]) for r in mixed.rows
@@ -138,7 +138,7 @@ def test_a_diverging_member_is_frozen_and_the_others_unaffected(splits):
     assert math.isnan(mixed.test[1]["accuracy"]) and mixed.test[0] == healthy.test[0]
     assert [r for r in mixed.rows if r["run"] == "ok"] == [r for r in healthy.rows
                                                           if r["run"] == "ok"]
-    early = general.train(splits, [ok, bad], Schedule(batch_size=50, epochs=1, record_every=2,
+    early = engine.train(splits, [ok, bad], Schedule(batch_size=50, epochs=1, record_every=2,
                                                       log_every=100), device="cpu")
     for name, value in mixed.weights.items():  # frozen since it diverged in the first epoch
         assert torch.equal(value[1], early.weights[name][1]), name
@@ -149,26 +149,26 @@ def test_ctrl_c_mid_epoch_saves_and_resume_matches(splits, tmp_path):
                _member("b", 1, NOISY, lr=1e-3, lr_schedule="onecycle", patience=2)]
     schedule = Schedule(batch_size=64, epochs=3, record_every=2, log_every=100)
     state = tmp_path / "state.safetensors"
-    whole = general.train(splits, members, schedule, device="cpu")
+    whole = engine.train(splits, members, schedule, device="cpu")
 
     def interrupt(event):
         if event.step == 6:  # mid-epoch 2 (5 steps per epoch)
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        general.train(splits, members, schedule, device="cpu", state_path=state,
+        engine.train(splits, members, schedule, device="cpu", state_path=state,
                       on_record=interrupt)
-    resumed = general.train(splits, members, schedule, device="cpu", state_path=state,
+    resumed = engine.train(splits, members, schedule, device="cpu", state_path=state,
                             resume=True)
     assert_same(resumed, whole)
     assert resumed.restored == whole.restored and resumed.stopped == whole.stopped
     other = [_member("a", 0, NOISY, lr=5e-3), members[1]]
     with pytest.raises(MnistlabError, match="written for other members"):
-        general.train(splits, other, schedule, device="cpu", state_path=state, resume=True)
+        engine.train(splits, other, schedule, device="cpu", state_path=state, resume=True)
 
 
 def test_checkpoint_round_trip_rebuilds_the_factory_module(splits, tmp_path):
-    result = general.train(splits, [_member("n", 3, NOISY)], Schedule(batch_size=64, epochs=1),
+    result = engine.train(splits, [_member("n", 3, NOISY)], Schedule(batch_size=64, epochs=1),
                            device="cpu")
     path = tmp_path / "n.safetensors"
     save_checkpoint(path, result.checkpoint(0))
@@ -220,4 +220,4 @@ def test_lenet5_preset_and_its_config():
 def test_random_numbers_outside_dropout_layers_are_refused(splits):
     member = _member("secret", 0, modules.factory_path(SecretDropout))
     with pytest.raises(MnistlabError, match=r"outside nn\.Dropout layers"):
-        general.train(splits, [member], Schedule(batch_size=64, epochs=1), device="cpu")
+        engine.train(splits, [member], Schedule(batch_size=64, epochs=1), device="cpu")

@@ -35,7 +35,7 @@ from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.data.npz import read_npz, write_npz
 from mnistlab.engine import Member, train
 from mnistlab.errors import CheckpointError, ConfigError, DataError, MnistlabError
-from mnistlab.model import load_checkpoint, save_checkpoint
+from mnistlab.modules import load_checkpoint, save_checkpoint
 from mnistlab.runs import RunDir
 
 pytestmark = pytest.mark.timeout(300)  # a hang (a FIFO read) fails instead of stalling

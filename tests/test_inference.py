@@ -30,7 +30,8 @@ from mnistlab.inference import (
     predict_rows,
     preprocess_image,
 )
-from mnistlab.model import Checkpoint, InputSpec, build_mlp, load_checkpoint, save_checkpoint
+from mnistlab.model import Checkpoint, InputSpec, build_mlp
+from mnistlab.modules import load_checkpoint, save_checkpoint
 
 TRAIN_ROWS = 8000  # of the 10k MNIST test images; the other 2000 are held out
 

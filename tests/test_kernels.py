@@ -10,17 +10,18 @@ from dataclasses import replace
 import pytest
 import torch
 from agreement import DEVICE, assert_backends_agree, assert_mostly_close, assert_rows_agree
-from test_engine import GELU, LN, MIXED_LAYERNORM, reference_run
+from reference_loop import reference_run
+from test_engine import GELU, LN, MIXED_LAYERNORM
 
-from mnistlab import backend as backend_module
-from mnistlab.arithmetic import requested
-from mnistlab.backend import cross_entropy
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Member, train
-from mnistlab.stack import Stack
+from mnistlab.engine import Member, requested, train
+from mnistlab.engine import backends as backend_module
+from mnistlab.engine.backends import cross_entropy
+from mnistlab.engine.stack import MLPStack
 
-kernels = pytest.importorskip("mnistlab.kernels", reason="Triton is not installed")
+kernels = pytest.importorskip("mnistlab.engine.backends.triton_kernels",
+                              reason="Triton is not installed")
 
 
 def test_adam_matches_torch_fused_adam_row_by_row():
@@ -144,17 +145,17 @@ def test_backend_is_chosen_by_device_environment_and_activation(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("MNISTLAB_TRITON", raising=False)
     monkeypatch.setenv("MNISTLAB_CPU_FUSED", "0")  # the CPU's own fused step aside
-    assert backend_module.triton_kernels(requested(cuda)) is kernels
-    assert backend_module.triton_kernels(requested(cpu)) is None
+    assert backend_module.triton_kernels_for(requested(cuda)) is kernels
+    assert backend_module.triton_kernels_for(requested(cpu)) is None
     monkeypatch.setenv("MNISTLAB_TRITON", "0")
-    assert backend_module.triton_kernels(requested(cuda)) is None
+    assert backend_module.triton_kernels_for(requested(cuda)) is None
     relu, gelu = RunConfig(name="relu"), RunConfig(name="gelu", activation="gelu")
-    assert type(Stack.initial([relu], [0], 784, 10, cpu).backend) is backend_module.TorchOps
-    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: kernels)
+    assert type(MLPStack.initial([relu], [0], 784, 10, cpu).backend) is backend_module.TorchOps
+    monkeypatch.setattr(backend_module, "triton_kernels_for", lambda device: kernels)
     monkeypatch.setenv("MNISTLAB_CUDA_GRAPHS", "1")
     for config, chosen in ((relu, backend_module.TritonLayers),
                            (gelu, backend_module.TritonKernels)):
-        stack = Stack.initial([config], [0], 784, 10, cpu)
+        stack = MLPStack.initial([config], [0], 784, 10, cpu)
         assert type(stack.backend) is chosen
         step = lambda index: None  # noqa: E731
         assert stack.backend.step_runner(step) is step
@@ -165,10 +166,10 @@ def test_backend_is_chosen_by_device_environment_and_activation(monkeypatch):
 def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
     """Forward (ReLU, dropout, LayerNorm) and backward of the fused path against the PyTorch
     path fed the same dropout masks; the masks are the dropout kernel's."""
-    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: kernels)
+    monkeypatch.setattr(backend_module, "triton_kernels_for", lambda device: kernels)
     configs = [RunConfig(name=f"m{k}", layernorm=layernorm[k], dropout=p, dropout_after=(1, 2),
                          hidden=(40, 30)) for k, p in enumerate((0.3, 0.0, 0.5))]
-    stack = Stack.initial(configs, [0, 1, 2], 784, 10, DEVICE)
+    stack = MLPStack.initial(configs, [0, 1, 2], 784, 10, DEVICE)
     assert isinstance(stack.backend, backend_module.TritonLayers)
     for key in [key for key in stack.params if key.startswith("norm")]:
         stack.params[key].add_(torch.randn_like(stack.params[key]) * 0.1)
@@ -199,7 +200,7 @@ def test_fused_layers_match_torch_ops(monkeypatch, layernorm):
 @pytest.fixture
 def fused(monkeypatch):
     """Stacks choose the CUDA backend (the Triton kernels) on this device."""
-    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: kernels)
+    monkeypatch.setattr(backend_module, "triton_kernels_for", lambda device: kernels)
 
 
 @pytest.mark.parametrize("members", [MIXED_LAYERNORM[:3], GELU[:3]], ids=["relu", "gelu"])
@@ -271,6 +272,6 @@ def test_fused_recipe_stack_matches_torch_ops(splits, fused, monkeypatch):
     schedule = Schedule(epochs=1, record_every=3)
     members = [small(Member(replace(m.config, dropout=0.0), m.seed)) for m in RECIPE[:5]]
     result = train(splits, members, schedule, device=str(DEVICE))
-    monkeypatch.setattr(backend_module, "triton_kernels", lambda device: None)
+    monkeypatch.setattr(backend_module, "triton_kernels_for", lambda device: None)
     reference = train(splits, members, schedule, device=str(DEVICE))
     assert_backends_agree(result, reference)

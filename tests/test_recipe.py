@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from agreement import assert_same
-from test_engine import LN, fashion_splits, reference_run, torch_schedule  # noqa: F401
+from reference_loop import reference_run, torch_schedule
+from test_engine import LN, fashion_splits  # noqa: F401
 from torch import nn
 
-from mnistlab import augment, schedules
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Interrupted, Member, train
+from mnistlab.engine import Interrupted, Member, augment, schedules, train
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment.sweep import expand, sweep_from_dict
 
@@ -167,7 +167,7 @@ def test_restore_best_ends_with_its_best_records_weights(splits):
 
 
 def test_monitor_rules():
-    from mnistlab.stopping import Monitor
+    from mnistlab.engine.stopping import Monitor
 
     monitor = Monitor([RunConfig(patience=2, restore_best=True), RunConfig(patience=1)])
     assert monitor.update(1, [0.5, 0.5], False) == ([0], [])

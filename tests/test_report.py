@@ -22,16 +22,15 @@ from mnistlab.atomic import atomic_write_bytes, atomic_write_text
 from mnistlab.config import RunConfig, Schedule, StudyConfig, load_study, study_to_toml
 from mnistlab.data import Dataset, load, make_splits
 from mnistlab.errors import MnistlabError
-from mnistlab.evaluation import Predictions, evaluate, evaluation, predictions
+from mnistlab.evaluation import Predictions, evaluation, predictions, score
 from mnistlab.experiment.executor import Outcome
 from mnistlab.experiment.summary import summarize
 from mnistlab.experiment.trials import Experiment
-from mnistlab.model import save_checkpoint
+from mnistlab.modules import save_checkpoint
 from mnistlab.report import render
 from mnistlab.report.html import reading
 from mnistlab.runs import RunDir
-from mnistlab.stats import Comparer
-from mnistlab.stats import summarize as statistics
+from mnistlab.stats import Comparer, shown_seed, statistics
 
 BEST, BASELINE, SLOW = "lr1e-3-p0.2", "baseline", "slow<&>"  # SLOW also tests escaping
 STEPS_PER_EPOCH, RECORD_EVERY, EPOCHS = 53, 25, 5
@@ -102,7 +101,7 @@ def build_run_dir(root: Path, mnist_t10k_dir: Path) -> RunDir:
     for seed in study.seeds:
         ckpt = train_checkpoint(study.runs[1], splits.train, seed)
         save_checkpoint(run.model_path(BEST, seed), ckpt)
-        ev = evaluate(ckpt, splits.test)
+        ev = score(ckpt, splits.test)
         curves = {  # final val accuracy, time constant, train-val gap, diverged at
             BASELINE: (ev.accuracy - 0.012, 60, 0.03, 150 if seed == 2 else None),
             BEST: (ev.accuracy, 50, 0.004, None),
@@ -161,7 +160,7 @@ def test_report_states_setup_tables_and_test(run_dir):
     best = next(c for c in summary["configs"] if c["run"] == BEST)["test_accuracy"]
     assert f"{best['mean']:.2%} [{100 * best['ci_low']:.2f}, {100 * best['ci_high']:.2f}]" in page
     assert f'<tr class="best"><td>1</td><td>{BEST}</td>' in page  # chosen on validation
-    assert page.count("<td>5.0 s</td>") == 3  # time per run: seeds took 4, 5 and 6 s
+    assert page.count("<td>5.0 s</td>") == 3  # time per model: seeds took 4, 5 and 6 s
     assert summary["claims"] is None and "seed study&#x27;s claims" not in page
 
 
@@ -198,14 +197,16 @@ def test_the_reading_says_when_it_cannot_rank():
 def test_tensorboard_events_hold_the_metrics(run_dir):
     """A run directory without live events (made before live logging) gets them from
     metrics.csv: Keras' layout, one run per model, train and validation under the same tags;
-    each configuration's confusion matrix as an image."""
+    each configuration's confusion matrix as an image, beside its shown model's curves."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # A configuration's seeds grouped in its folder (issue 23).
     runs = sorted(p.relative_to(run_dir.tensorboard).as_posix()
                   for p in run_dir.tensorboard.glob("*/seed*"))
     assert runs == sorted(f"{n}/seed{s}" for n in (BASELINE, BEST, "slow___") for s in range(3))
-    model = run_dir.tensorboard / BEST / "seed1"
+    shown = shown_seed(run_dir.read_summary(), BEST)
+    other = next(s for s in range(3) if s != shown)
+    model = run_dir.tensorboard / BEST / f"seed{other}"
     assert {p.name for p in model.iterdir() if p.is_dir()} == {"train", "validation", "test"}
     for sub in ("train", "validation"):
         events = EventAccumulator(str(model / sub))
@@ -214,11 +215,11 @@ def test_tensorboard_events_hold_the_metrics(run_dir):
         assert set(events.Tags()["scalars"]) == {"loss", "accuracy",
                                                  *(["learning_rate"] * (sub == "train"))}
     expected = [(r["step"], r["accuracy"]) for r in run_dir.read_metrics()
-                if r["run"] == BEST and r["seed"] == 1 and r["split"] == "val"]
+                if r["run"] == BEST and r["seed"] == other and r["split"] == "val"]
     got = [(e.step, e.value) for e in events.Scalars("accuracy")]
     assert [s for s, _ in got] == [s for s, _ in expected]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)
-    images = EventAccumulator(str(run_dir.tensorboard / BEST / "seed0" / "images"))
+    images = EventAccumulator(str(run_dir.tensorboard / BEST / f"seed{shown}" / "images"))
     images.Reload()
     (image,) = images.Images("confusion_matrix")
     assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > 300
@@ -237,7 +238,8 @@ def test_rerender_replaces_everything_and_leaves_no_temp_files(run_dir):
     assert tb_after == tb_before  # no new event files
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    images = EventAccumulator(str(run_dir.tensorboard / BEST / "seed0" / "images"))
+    shown = shown_seed(run_dir.read_summary(), BEST)
+    images = EventAccumulator(str(run_dir.tensorboard / BEST / f"seed{shown}" / "images"))
     images.Reload()
     assert len(images.Images("confusion_matrix")) == 1  # the earlier image replaced
     assert not [p for p in run_dir.root.rglob(".*") if p.name != ".gitignore"]
@@ -395,3 +397,25 @@ def test_report_renders_offline_in_chromium(run_dir, tmp_path):
         assert image.format == "PNG" and image.size == (1280, 1800)
         pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005, "the screenshot is blank"
+
+
+def test_workers_draw_what_this_process_would_and_leave_it_what_they_cannot():
+    """The figures worker processes draw (issue 22) are byte for byte this process's; a call a
+    worker fails on is made again here, where it raises as it would; the calls of a worker that
+    died are made here."""
+    from mnistlab.evaluation import Evaluation
+    from mnistlab.report import plots, workers
+
+    ev = Evaluation(0.9, 0.3, np.array([[9, 1], [1, 9]]), [])
+    call = ("confusion_png", (ev, ("a", "b"), "two classes"))
+    here = plots.confusion_png(*call[1])
+    with workers.started(2):
+        assert len(workers._STARTED) == 2
+        assert workers.draw({k: call for k in range(3)}) == {k: here for k in range(3)}
+        with pytest.raises(AttributeError, match="confusion"):
+            workers.draw({"bad": ("confusion_png", (None, ("a",), "none"))})
+        for worker in workers._STARTED:
+            worker.process.kill()
+            worker.process.wait()
+        assert workers.draw({"again": call}) == {"again": here}
+    assert workers._STARTED == []

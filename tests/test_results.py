@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab.arithmetic import Arithmetic
+from mnistlab.engine import Arithmetic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -45,7 +45,7 @@ def test_each_table_says_what_made_it(path):
     assert figures["command"] == results.command(path.stem)
     assert len(figures["git_rev"]) == 40
     Arithmetic.from_dict(figures["arithmetic"], str(path))
-    assert figures["runs"] and all(tuple(r) == results.RUN_FIELDS for r in figures["runs"])
+    assert figures["runs"] and all(tuple(r) == results.MODEL_FIELDS for r in figures["runs"])
     names = {r["run"] for r in figures["runs"]}
     assert set(figures["ranking"]) == names == {c["run"] for c in figures["configs"]}
     for r in figures["runs"]:

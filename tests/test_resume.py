@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from mnistlab.config import PRESETS, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import STATE_FORMAT, Member, train
+from mnistlab.engine import Member, train
+from mnistlab.engine.mlp import STATE_FORMAT
 from mnistlab.errors import CheckpointError, MnistlabError
 
 MEMBERS = [Member(PRESETS["lr1e-3-p0.2"], 0), Member(PRESETS["lr5e-4-p0.4"], 1)]

@@ -29,14 +29,14 @@ from torch.utils._pytree import tree_flatten
 
 import mnistlab as ml
 from mnistlab import engine
-from mnistlab.arithmetic import requested
 from mnistlab.config import RunConfig, Schedule
 from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.data.npz import write_npz
-from mnistlab.engine import Member, resolve_device
+from mnistlab.engine import Member, member_bytes, out_of_memory, requested, resolve_device
+from mnistlab.engine.stack import MLPStack
 from mnistlab.errors import MnistlabError
-from mnistlab.experiment.executor import out_of_memory, train_job
-from mnistlab.experiment.plan import Job, auto_stack_size, member_bytes
+from mnistlab.experiment.executor import train_job
+from mnistlab.experiment.plan import Job, auto_stack_size
 from mnistlab.experiment.trials import Trial
 from mnistlab.progress import Progress
 from mnistlab.runs import environment
@@ -96,13 +96,13 @@ def training_peak(monkeypatch: pytest.MonkeyPatch, splits: Splits, members: list
                   schedule: Schedule) -> int:
     """Peak tensor bytes of `engine.train` beyond the data already on the device when the
     stack is built."""
-    live, build = LiveBytes(), engine.Stack.initial
+    live, build = LiveBytes(), MLPStack.initial
 
-    def initial(*args: Any, **kwargs: Any) -> engine.Stack:
+    def initial(*args: Any, **kwargs: Any) -> MLPStack:
         live.base = live.peak = live.now  # from here on: the stack, its steps and evaluations
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(engine.Stack, "initial", initial)
+    monkeypatch.setattr(MLPStack, "initial", initial)
     with live:
         engine.train(splits, members, schedule, device="cpu")
     return live.peak - live.base

@@ -20,7 +20,8 @@ from mnistlab.stats import (
     mcnemar,
     probability_of_improvement,
     seeds_needed,
-    summarize,
+    shown_seed,
+    statistics,
 )
 
 A = [0.9812, 0.9790, 0.9825, 0.9801, 0.9808]
@@ -147,7 +148,7 @@ def test_the_winner_is_chosen_on_validation_even_where_the_test_set_disagrees():
     correct = {"test-better": answers(0.93, 3, rng), "val-better": answers(0.90, 3, rng)}
     val = {"test-better": [0.91, 0.92, 0.91], "val-better": [0.95, 0.95, 0.96]}
     _, comparer = study(correct, val)
-    result = summarize({name: {} for name in correct}, comparer)
+    result = statistics({name: {} for name in correct}, comparer)
     selection = result["selection"]
     assert selection["winner"] == "val-better"
     assert selection["ranking"] == ["val-better", "test-better"]
@@ -163,17 +164,17 @@ def test_few_seeds_are_said_and_diverged_seeds_left_out():
     rng = np.random.default_rng(4)
     correct = {"a": answers(0.9, 2, rng), "b": answers(0.8, 2, rng)}
     runs, comparer = study(correct, {"a": [0.9, 0.9], "b": [0.8, 0.8]})
-    assert "only 2 seeds" in summarize({"a": {}, "b": {}}, comparer)["warnings"][0]
+    assert "only 2 seeds" in statistics({"a": {}, "b": {}}, comparer)["warnings"][0]
     single = {"a": correct["a"][:1], "b": correct["b"][:1]}
     runs, comparer = study(single, {"a": [0.9], "b": [0.8]})
-    result = summarize({"a": {}, "b": {}}, comparer)
+    result = statistics({"a": {}, "b": {}}, comparer)
     (pair,) = result["comparisons"]["pairs"]
     assert pair["note"] == NO_INTERVAL and math.isnan(pair["p"]) and not pair["significant"]
     assert result["configs"][0]["test_accuracy"]["interval"] == NO_INTERVAL
     assert "1 seed" in result["warnings"][0]
     runs = [row("a", 0, 0.9, 0.9), row("a", 1, math.nan, math.nan, diverged=40)]
     comparer = Comparer(runs, {"a": correct["a"][:1]})
-    entry = summarize({"a": {}}, comparer)["configs"][0]
+    entry = statistics({"a": {}}, comparer)["configs"][0]
     assert entry["n"] == 2 and entry["diverged"] == 1 and entry["test_accuracy"]["n"] == 1
     assert entry["train_val_gap"]["mean"] == pytest.approx(0.01)  # train − val, finite seed
     assert "seconds" not in entry  # wall-clock time would make reruns differ
@@ -183,7 +184,7 @@ def test_pairs_are_holm_corrected_over_all_pairs():
     rng = np.random.default_rng(5)
     correct = {n: answers(acc, 3, rng) for n, acc in (("a", 0.9), ("b", 0.85), ("c", 0.84))}
     _, comparer = study(correct, {"a": [0.9] * 3, "b": [0.85] * 3, "c": [0.84] * 3})
-    pairs = summarize({n: {} for n in correct}, comparer)["comparisons"]["pairs"]
+    pairs = statistics({n: {} for n in correct}, comparer)["comparisons"]["pairs"]
     assert [(p["a"], p["b"]) for p in pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
     assert [p["p_holm"] for p in pairs] == pytest.approx(holm([p["p"] for p in pairs]))
     assert pairs[0]["significant"] and pairs[1]["significant"]
@@ -237,3 +238,12 @@ def test_claim_verdicts_follow_the_intervals():
     assert [c["verdict"] for c in evidence] == ["contradicted", "inconclusive", "contradicted",
                                                  "supported"]
     assert "lr1e-4-p0.6 at iteration 600" in evidence[3]["evidence"]
+
+
+def test_the_shown_seed_is_the_winner_s_best_else_the_first_finished():
+    """One rule for the model that stands for a configuration when no seed is asked for."""
+    runs = [{"run": "a", "seed": s, "diverged_at": None} for s in (0, 1, 2)]
+    runs += [{"run": "b", "seed": 0, "diverged_at": 40}, {"run": "b", "seed": 1,
+             "diverged_at": None}, {"run": "c", "seed": 0, "diverged_at": 5}]
+    summary = {"selection": {"winner": "a", "seed": 2}, "runs": runs}
+    assert [shown_seed(summary, n) for n in ("a", "b", "c", None)] == [2, 1, None, None]

@@ -20,9 +20,10 @@ import mnistlab as ml
 from mnistlab.cli import app
 from mnistlab.config import RunConfig, Schedule
 from mnistlab.data.npz import write_npz
+from mnistlab.engine import member_bytes
 from mnistlab.errors import ConfigError
 from mnistlab.experiment.halving import rung_count, rung_schedule
-from mnistlab.experiment.plan import auto_stack_size, member_bytes, plan
+from mnistlab.experiment.plan import auto_stack_size, plan
 from mnistlab.experiment.sweep import (
     SweepSpec,
     expand,
@@ -415,3 +416,13 @@ def test_command_line_options_are_validated_with_the_file(tmp_path):
         load_sweep(path, {"epochs": 0})
     with pytest.raises(ConfigError, match=r"sweep\.toml: seeds must be a count"):
         load_sweep(path, {"seeds": 0})
+
+
+def test_every_configuration_and_schedule_field_can_be_swept():
+    """NAME_PARTS (how a field shows in a configuration's name) is the sweep's list of axes; it
+    follows the classes: every RunConfig and Schedule field but `name` (made from the others)
+    and `model` (a network's layers are not an axis: sweep one model at a time)."""
+    from mnistlab.config import CONFIG_FIELDS, SCHEDULE_FIELDS
+    from mnistlab.experiment.sweep import NAME_PARTS
+
+    assert set(NAME_PARTS) == (set(CONFIG_FIELDS) - {"name", "model"}) | set(SCHEDULE_FIELDS)

@@ -1,4 +1,5 @@
-"""The Python API: what a notebook user types, and what the command line calls.
+"""The Python API: what a notebook user types, and what the command line's study, train, sweep,
+evaluate, report and compare call.
 
     import mnistlab as ml
     results = ml.study(data="fashion-mnist", seeds=3, epochs=2)
@@ -12,7 +13,6 @@ returns the same object for a finished run directory.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,11 @@ import numpy as np
 
 from mnistlab import stats
 from mnistlab.config import (
+    CONFIG_FIELDS,
     PRESETS,
+    SCHEDULE_FIELDS,
     STUDY_KEYS,
     RunConfig,
-    Schedule,
     StudyConfig,
     read_toml,
     run_study_from_dict,
@@ -37,16 +38,14 @@ from mnistlab.config import (
 from mnistlab.data import Source, load
 from mnistlab.data.npz import arrays_source
 from mnistlab.errors import ConfigError, MnistlabError
-from mnistlab.evaluation import Evaluation, Predictions, evaluation, pool
-from mnistlab.evaluation import predictions as score
+from mnistlab.evaluation import Evaluation, Predictions, evaluation, pool, predictions
 from mnistlab.experiment import pipeline
 from mnistlab.experiment.sweep import SweepSpec, name_of, sweep_from_dict
-from mnistlab.experiment.trials import Experiment, from_sweep
+from mnistlab.experiment.trials import Experiment, from_sweep, recorded_values
 from mnistlab.inference import ImagePrediction, predict_images
 from mnistlab.model import Checkpoint
 from mnistlab.modules import load_checkpoint
 from mnistlab.progress import Progress
-from mnistlab.report.plots import evaluation_plots
 from mnistlab.results import Results
 from mnistlab.runs import RunDir, claims
 from mnistlab.suggest import did_you_mean
@@ -54,7 +53,6 @@ from mnistlab.validation import Seed, arguments
 
 # A name, a path, or in-memory (images, labels[, class names]): digits unless named.
 Data = str | Path | tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, Sequence[str]]
-RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 @arguments
@@ -161,7 +159,7 @@ def train(
                               f"known: {', '.join(PRESETS)}")
         config = PRESETS[preset]
     name, source = _data(data)
-    unknown = sorted(set(options) - set(RUN_FIELDS) - set(_SCHEDULE_FIELDS) - set(STUDY_KEYS))
+    unknown = sorted(set(options) - set(CONFIG_FIELDS) - set(SCHEDULE_FIELDS) - set(STUDY_KEYS))
     if unknown:
         raise ConfigError(f"train: unknown option(s) {', '.join(unknown)}")
     flags = _given(data=name, seed=seed, **options)
@@ -174,7 +172,7 @@ def train(
     where = "train" if config is None or isinstance(config, RunConfig) else str(config)
     study = run_study_from_dict(with_overrides(values, flags), where)  # checked before named
     if "name" not in values and "name" not in flags and "runs" not in values:
-        named = name_of({k: v for k, v in flags.items() if k in RUN_FIELDS})
+        named = name_of({k: v for k, v in flags.items() if k in CONFIG_FIELDS})
         model = study.runs[0].model.rpartition(":")[2]  # a factory's function name
         flags["name"] = "_".join(n for n in (model if model != "mlp" else "", named) if n) \
             or "baseline"
@@ -190,9 +188,9 @@ def load_run(path: str | Path) -> Results:
 
 def checkpoint_path(target: str | Path, run: str | None = None,
                     seed: int | None = None) -> Path:
-    """The checkpoint file `target` names: itself, or for a run directory its winner's (the seed
-    the report shows), or configuration `run`'s model with `seed` (by default its winner's
-    seed, or its first finished one)."""
+    """The checkpoint file `target` names: itself, or for a run directory the model of
+    configuration `run` (by default the winner) with `seed` (by default its shown seed:
+    mnistlab.stats.shown_seed)."""
     target = Path(target)
     if not target.is_dir():
         if run is not None or seed is not None:
@@ -206,10 +204,9 @@ def checkpoint_path(target: str | Path, run: str | None = None,
     summary = run_dir.read_summary()
     name = run or stats.winner(summary)
     if name is None:
-        raise MnistlabError(f"{target}: every run diverged, so there is no winner; pass --run "
+        raise MnistlabError(f"{target}: every model diverged, so there is no winner; pass --run "
                             "NAME --seed K to choose a model")
-    if seed is None and name == stats.winner(summary):
-        seed = stats.winner_seed(summary)
+    seed = stats.shown_seed(summary, name) if seed is None else seed
     return run_dir.model_path(name, _finished_seeds(run_dir, summary, name, seed)[0])
 
 
@@ -319,8 +316,7 @@ def evaluate(target: str | Path, *, data: Data | None = None, run: str | None = 
         summary = run_dir.read_summary()
         name = run or stats.winner(summary)
         seeds = _finished_seeds(run_dir, summary, name, seed)
-        shown = seed if seed is not None else stats.winner_seed(summary) \
-            if name == stats.winner(summary) else seeds[0]
+        shown = seed if seed is not None else stats.shown_seed(summary, name)
         paths = {s: run_dir.model_path(name, s) for s in seeds}
         if data is None:
             answers = {s: Predictions.load(run_dir.predictions_path(name, s)) for s in seeds}
@@ -341,14 +337,15 @@ def evaluate(target: str | Path, *, data: Data | None = None, run: str | None = 
                             "a .safetensors checkpoint")
     ev = pool(answers, shown)
     per_seed = {s: evaluation(a).accuracy for s, a in answers.items()} if target.is_dir() else {}
+    from mnistlab.report.plots import evaluation_plots  # matplotlib: only where it draws
+
     written = evaluation_plots(ev, answers[shown].classes, folder, stem)
     return Scored(model, where, note, ev, answers[shown].classes, per_seed, written)
 
 
 def _finished_seeds(run_dir: RunDir, summary: Mapping[str, Any], name: str,
                     seed: int | None) -> list[int]:
-    finished = [r["seed"] for r in summary["runs"]
-                if r["run"] == name and r.get("diverged_at") is None]
+    finished = stats.finished_seeds(summary, name)
     seeds = finished if seed is None else [s for s in finished if s == seed]
     if not seeds:
         raise MnistlabError(
@@ -374,7 +371,7 @@ def _answers(paths: Mapping[int, Path],
         note = (f"{name} has no labelled test part: scored on its training part, which the "
                 "model may have seen")
     models = {s: load_checkpoint(p) for s, p in paths.items()}
-    answers = {s: score(ckpt, part) for s, ckpt in models.items()}
+    answers = {s: predictions(ckpt, part) for s, ckpt in models.items()}
     theirs = tuple(next(iter(models.values())).inputs.classes)
     if tuple(part.classes) != theirs[: len(part.classes)]:
         shown = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")  # noqa: E731
@@ -420,9 +417,6 @@ def render(run_dir: str | Path) -> Path:
 
 
 # --- running ---------------------------------------------------------------------------------
-
-_SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(Schedule))
-
 
 def _given(**options: Any) -> dict[str, Any]:
     """The options the caller gave (None means "not given"), as TOML values."""
@@ -476,38 +470,15 @@ def _resume(path: str | Path, flags: Mapping[str, Any], source: Source | None,
         raise ConfigError(f"{path}: a resumed run keeps its own configuration; pass either a "
                           "configuration file or --resume, not both")
     run_dir = RunDir.existing(path)
-    if run_dir.sweep_path.is_file():
-        values, build = read_toml(run_dir.sweep_path, "sweep"), _sweep_experiment
-    else:
-        values, build = read_toml(run_dir.config_path, "study"), _study_experiment
-    where = str(run_dir.root)
-    stored = build(values, where)
+    stored = Experiment.from_run_dir(run_dir)
     for key, value in flags.items():
-        if build(_override(values, key, value), where) != stored:
+        if Experiment.from_run_dir(run_dir, {key: value}) != stored:
             raise ConfigError(
-                f"{where}: resumed with {key} = {value!r}, but the run was made with "
-                f"{_stored(values, key)!r}; a resumed run keeps its configuration: drop the "
-                "option, or start a new run without --resume"
+                f"{run_dir.root}: resumed with {key} = {value!r}, but the run was made with "
+                f"{_stored(recorded_values(run_dir), key)!r}; a resumed run keeps its "
+                "configuration: drop the option, or start a new run without --resume"
             )
     return _run(stored, run_dir.root.parent, source, progress, report, ray_address, run_dir)
-
-
-def _study_experiment(values: Mapping[str, Any], where: str) -> Experiment:
-    return Experiment(study_from_dict(values, where))
-
-
-def _sweep_experiment(values: Mapping[str, Any], where: str) -> Experiment:
-    return from_sweep(sweep_from_dict(values, where))
-
-
-def _override(values: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """`values` with one option set: a run field goes into a one-run study's configuration."""
-    runs = values.get("runs")
-    if key in RUN_FIELDS and isinstance(runs, list) and len(runs) == 1:
-        return {**values, "runs": [{**runs[0], key: value}]}
-    if key == "seed":
-        return {**values, "seeds": [value]}
-    return with_overrides(values, {key: value})
 
 
 def _stored(values: Mapping[str, Any], key: str) -> Any:

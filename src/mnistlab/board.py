@@ -13,13 +13,14 @@ configuration grouped in its folder (TensorBoard's run list and filters show the
     tb/<run>/seed<k>/test/        loss, accuracy once, at the last step
     tb/<run>/seed<k>/images/      the configuration's confusion matrix (the report adds it)
 
-Events are appended (and flushed) as records come, with their real wall time, through
-TensorBoard's own record format, synchronously: no writer threads, no open file per model
-between records (a sweep of a thousand models stays within any file-handle limit). A process
-that writes to a run again (a resumed study) first logs a session restart at its first step,
-which TensorBoard's reader takes as "drop what an earlier process wrote from this step on": the
-records a killed run had written
-after its last saved state are replaced, never shown twice.
+Events are appended (and flushed) as records come, with their real wall time, in TensorBoard's
+own record format, synchronously: no writer threads, no open file per model between records (a
+sweep of a thousand models stays within any file-handle limit). The protocol buffers are
+TensorBoard's; their framing and checksums are written here, since TensorBoard's writer modules
+import its TensorFlow stand-in (and boto3, fsspec, absl) for these few lines. A process that
+writes to a run again (a resumed study) first logs a session restart at its first step, which
+TensorBoard's reader takes as "drop what an earlier process wrote from this step on": the
+records a killed run had written after its last saved state are replaced, never shown twice.
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.plugins.hparams import summary_v2 as hparams
-from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.compat.proto import (
+    event_pb2,
+    summary_pb2,
+    tensor_pb2,
+    tensor_shape_pb2,
+    types_pb2,
+)
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from mnistlab.config import RunConfig, Schedule
+from mnistlab.engine import constant, rates
 from mnistlab.errors import MnistlabError
-from mnistlab.schedules import constant, rates
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}
 METRICS = ("loss", "accuracy")
@@ -113,7 +119,7 @@ class Board:
         model = self.folder / model_name(run, seed)
         if not any(model.glob("events.out.tfevents.*")):
             values = _hparams(*self.configs[run], seed)
-            append(model, [_event(0, hparams.hparams_pb(values, trial_id=model.name))])
+            append(model, [_event(0, session_start(values, model.name))])
         if (run, seed, sub) not in self.written:
             events = [_restart(events[0].step), *events]
         append(model / sub, events)
@@ -129,10 +135,44 @@ class Board:
                   and len({repr(v.get(n)) for v in values}) > 1]
         names = ["configuration", *varied, *(n for n in names
                                              if n not in varied and n != "configuration")]
-        metrics = [hparams.Metric(m, group=g) for g in ("validation", "test", "train")
-                   for m in METRICS]
-        summary = hparams.hparams_config_pb([hparams.HParam(n) for n in names], metrics)
-        append(self.folder, [_event(0, summary)])
+        metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(group=g, tag=m))
+                   for g in ("validation", "test", "train") for m in METRICS]
+        experiment = api_pb2.Experiment(hparam_infos=[api_pb2.HParamInfo(name=n) for n in names],
+                                        metric_infos=metrics)
+        append(self.folder, [_event(0, _hparams_summary(
+            "_hparams_/experiment", plugin_data_pb2.HParamsPluginData(experiment=experiment)))])
+
+
+def session_start(values: Mapping[str, bool | float | str], trial: str) -> summary_pb2.Summary:
+    """One model's hyperparameter values for the HParams plugin: what TensorBoard's
+    `hparams_pb(values, trial_id=trial)` makes."""
+    info = plugin_data_pb2.SessionStartInfo(group_name=trial, start_time_secs=time.time())
+    for name in sorted(values):
+        value, field = values[name], info.hparams[name]
+        if isinstance(value, bool):
+            field.bool_value = value
+        elif isinstance(value, int | float):
+            field.number_value = value
+        elif isinstance(value, str):
+            field.string_value = value
+        else:
+            raise TypeError(f"hparams[{name!r}] = {value!r}, of unsupported type {type(value)!r}")
+    return _hparams_summary("_hparams_/session_start_info",
+                            plugin_data_pb2.HParamsPluginData(session_start_info=info))
+
+
+# The HParams plugin's summaries carry an empty tensor (a float vector of length 0).
+_NO_TENSOR = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=(
+    tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=0)])))
+
+
+def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> summary_pb2.Summary:
+    data.version = 0  # the plugin's data format
+    plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="hparams",
+                                                    content=data.SerializeToString())
+    metadata = summary_pb2.SummaryMetadata(plugin_data=plugin)
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata,
+                                                                tensor=_NO_TENSOR)])
 
 
 def write_images(folder: Path, run: str, seed: int, images: Mapping[str, bytes],
@@ -158,13 +198,12 @@ def append(folder: Path, events: Sequence[event_pb2.Event]) -> None:
     naming the folder.
     """
     buffer = io.BytesIO()
-    records = RecordWriter(buffer)
     files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
     if not files:
-        records.write(event_pb2.Event(wall_time=time.time(),
-                                      file_version="brain.Event:2").SerializeToString())
+        buffer.write(record(event_pb2.Event(wall_time=time.time(),
+                                            file_version="brain.Event:2").SerializeToString()))
     for event in events:
-        records.write(event.SerializeToString())
+        buffer.write(record(event.SerializeToString()))
     path = files[-1] if files else folder / (
         f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.mnistlab")
     try:
@@ -184,6 +223,37 @@ def append(folder: Path, events: Sequence[event_pb2.Event]) -> None:
                                 "written was lost") from None
         raise MnistlabError(f"{folder}: cannot write TensorBoard files ({exc.strerror}); "
                             "check the free space and permissions there") from None
+
+
+def record(data: bytes) -> bytes:
+    """`data` as one TFRecord: its length, the length's masked CRC-32C, the data, its masked
+    CRC-32C (little-endian), as TensorBoard's reader expects."""
+    length = struct.pack("<Q", len(data))
+    return (length + struct.pack("<I", masked_crc32c(length)) + data
+            + struct.pack("<I", masked_crc32c(data)))
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    """The byte table of CRC-32C (Castagnoli, reflected polynomial 0x82F63B78)."""
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C of `data`, rotated right by 15 bits plus a constant."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _event(step: int, summary: summary_pb2.Summary) -> event_pb2.Event:

@@ -1,4 +1,6 @@
-"""The `mnistlab` command. Thin: parse, call the Python API (mnistlab.api), print.
+"""The `mnistlab` command: parse, call, print. study, train, sweep, evaluate, report and compare
+call the Python API (mnistlab.api); data, predict and export call their modules' own functions
+(mnistlab.data, .inference, .export), and the text printed comes from mnistlab.report.table.
 
 A user mistake (MnistlabError) is one `error: ...` line on stderr and exit code 2,
 never a traceback. Help is plain Click text (rich_markup_mode=None): it renders exactly as
@@ -8,6 +10,7 @@ written, so `[grid]` stays `[grid]` (Rich would read it as a style tag and drop 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -164,6 +167,10 @@ QuietOpt = Annotated[
 VERBOSE = ("Also print, per configuration, a Keras-style line at the end of each epoch (loss, "
            "acc, val_loss, val_acc) and the log line every log_every iterations.")
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE)]
+ReportOpt = Annotated[
+    bool, typer.Option("--report/--no-report", help="Draw the plots and write report.html; "
+                       "`mnistlab report RUN_DIR` draws them later.")
+]
 
 
 def _progress(verbose: bool, quiet: bool) -> Any:
@@ -172,22 +179,40 @@ def _progress(verbose: bool, quiet: bool) -> Any:
     return Progress(verbose=verbose, quiet=quiet)
 
 
-def _finished(results: Any) -> None:
+def _drawing(report: bool) -> contextlib.AbstractContextManager[None]:
+    """With `report`, the processes that will draw the report's figures (mnistlab.report.workers),
+    started before the API is imported: they get ready while this one loads PyTorch and data."""
+    if not report:
+        return contextlib.nullcontext()
+    from mnistlab.report.workers import started
+
+    return started()
+
+
+def _finished(results: Any, text: str, report: bool) -> None:
+    """Print the results (`text`) and where they are, then render the report: the results wait
+    for no figure, and the report is whole when the command returns."""
+    _say(text)
+    _say(f"results: {results.path}" + (f"  report: {results.report_path}" if report else ""))
+    if report:
+        import mnistlab as ml
+
+        ml.render(results.path)
+
+
+def study_table(results: Any) -> str:
     from mnistlab.report.table import format_summary
 
-    _say(format_summary(results.raw))
-    _say(f"results: {results.path}  report: {results.report_path}")
+    return format_summary(results.raw)
 
 
 def fit_summary(results: Any) -> str:
     """How a single `train` ends: its model's final train/val/test loss and accuracy, and where
-    its checkpoint, run directory and report are (a one-model run has no study table)."""
+    its checkpoint is (a one-model run has no study table)."""
     from mnistlab.report.table import format_fit
 
     (run,) = results.raw["runs"]
-    checkpoint = results.run_dir.model_path(run["run"], run["seed"])
-    return (f"{format_fit(results.raw, checkpoint)}\n"
-            f"results: {results.path}  report: {results.report_path}")
+    return format_fit(results.raw, results.run_dir.model_path(run["run"], run["seed"]))
 
 
 @app.command(epilog=examples(
@@ -213,16 +238,19 @@ def study(
     resume: ResumeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    report: ReportOpt = True,
 ) -> None:
     """Run the seed study, or the configurations of a study TOML.
 
     Every configuration (the seed study's five, or --config's) trains with each seed, all at
     once; then curves, statistics and report.html land in a run directory.
     """
-    import mnistlab as ml
+    with _drawing(report):
+        import mnistlab as ml
 
-    _finished(ml.study(config, data=data, seeds=seeds, epochs=epochs, device=device, out=out,
-                       resume=resume, progress=_progress(verbose, quiet)))
+        results = ml.study(config, data=data, seeds=seeds, epochs=epochs, device=device, out=out,
+                           resume=resume, progress=_progress(verbose, quiet), report=False)
+        _finished(results, study_table(results), report)
 
 
 @app.command(epilog=examples(
@@ -354,6 +382,7 @@ def train(
     resume: ResumeOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose/--no-verbose", "-v", help=VERBOSE)] = True,
     quiet: QuietOpt = False,
+    report: ReportOpt = True,
 ) -> None:
     """Train one configuration with one seed.
 
@@ -380,12 +409,11 @@ def train(
         "drop_last": drop_last, "val_fraction": val_fraction, "device": device,
     }
     given = {k: v for k, v in options.items() if v is not None}
-    results = ml.train(config, preset=preset, data=data, seed=seed, out=out, resume=resume,
-                       progress=_progress(verbose, quiet), **given)
-    if len(results.raw["runs"]) == 1:
-        _say(fit_summary(results))
-    else:
-        _finished(results)  # a run TOML with several runs trains like a study
+    with _drawing(report):
+        results = ml.train(config, preset=preset, data=data, seed=seed, out=out, resume=resume,
+                           progress=_progress(verbose, quiet), report=False, **given)
+        one = len(results.raw["runs"]) == 1  # else a run TOML's runs: trained like a study
+        _finished(results, fit_summary(results) if one else study_table(results), report)
 
 
 def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -431,9 +459,9 @@ def data_check(
     Rows, classes, pixel range and nulls; or the first problem, with its file and place (line
     and column, or byte offset).
     """
-    from mnistlab.data import describe, load
+    from mnistlab.data import load, overview
 
-    _say(describe(load(source, download=False)))
+    _say(overview(load(source, download=False)))
 
 
 @data_app.command("list", epilog=examples("mnistlab data list"))
@@ -469,7 +497,8 @@ def report(
     """
     import mnistlab as ml
 
-    _say(f"report: {ml.render(run_dir)}")
+    with _drawing(True):
+        _say(f"report: {ml.render(run_dir)}")
 
 
 @app.command(epilog=examples(
@@ -657,6 +686,7 @@ def sweep(
     resume: ResumeOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    report: ReportOpt = True,
     grid: Annotated[Path | None, typer.Option(hidden=True)] = None,  # --config's old name
 ) -> None:
     """Sweep a grid or a random sample of configurations × seeds.
@@ -665,16 +695,17 @@ def sweep(
     README ("Sweeps").
     """
     import mnistlab as ml
-    from mnistlab.report.sweep import top_text
 
     if config is not None and grid is not None:
         raise MnistlabError("sweep: --grid is the old name of --config; pass one of them")
-    results = ml.sweep(config or grid, random=random, seeds=seeds, stack_size=stack_size,
-                       halving=halving or None, ray_address=ray_address, data=data,
-                       epochs=epochs, device=device, out=out, resume=resume,
-                       progress=_progress(verbose, quiet))
-    _say(top_text(results.raw))
-    _say(f"results: {results.path}  report: {results.report_path}")
+    with _drawing(report):
+        results = ml.sweep(config or grid, random=random, seeds=seeds, stack_size=stack_size,
+                           halving=halving or None, ray_address=ray_address, data=data,
+                           epochs=epochs, device=device, out=out, resume=resume,
+                           progress=_progress(verbose, quiet), report=False)
+        from mnistlab.report.sweep import top_text
+
+        _finished(results, top_text(results.raw), report)
 
 
 @app.command(epilog=examples(

@@ -49,7 +49,7 @@ InputNorm = Literal["scale", "standardize"]
 LrSchedule = Literal["constant", "cosine", "onecycle"]
 ACTIVATIONS, INPUT_NORMS = get_args(Activation), get_args(InputNorm)
 LR_SCHEDULES = get_args(LrSchedule)
-# Models mnistlab builds itself; any other is a factory's import path (mnistlab.general).
+# Models mnistlab builds itself; any other is a factory's import path (mnistlab.engine).
 BUILT_IN_MODELS = ("mlp", "lenet5")
 MLP_FIELDS = ("hidden", "activation", "dropout_after", "layernorm", "dropout")
 
@@ -73,7 +73,7 @@ class RunConfig:
     `input_norm`: "scale" maps pixels to [0, 1]; "standardize" also subtracts the training
     mean and divides by the training std (both recorded in the checkpoint).
 
-    The recipe (every default leaves training as it was; mnistlab.schedules, .augment, .stopping):
+    The recipe (every default leaves training as it was; engine.schedules, .augment, .stopping):
     - `lr_schedule`: "constant"; "cosine", decay to 0 as torch's CosineAnnealingLR; "onecycle",
       torch's OneCycleLR with max_lr = `lr` and its other defaults (div_factor 25,
       final_div_factor 1e4, cosine annealing, beta1 cycled 0.95 → 0.85 → 0.95 in place of
@@ -92,7 +92,7 @@ class RunConfig:
       training a model after that many records without a better validation accuracy.
 
     `model`: "mlp" (the network above, trained by mnistlab.engine), or any other network,
-    trained by mnistlab.general: "lenet5", or a factory's import path "package.module:function"
+    trained by the general engine: "lenet5", or a factory's import path "package.module:function"
     whose call returns a fresh torch.nn.Module. Such a model's layers are its own, so the MLP's
     fields (MLP_FIELDS) must keep their defaults; the optimiser and the recipe apply to it.
     """
@@ -233,7 +233,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         names = [r.name for r in self.runs]
         if not names:
-            raise ValueError(f"study '{self.name}': needs at least one run")
+            raise ValueError(f"study '{self.name}': needs at least one configuration in runs")
         if len(set(names)) != len(names):
             raise ValueError(f"study '{self.name}': run names must be unique, got {names}")
         check_size(len(self.runs), len(self.seeds))
@@ -296,6 +296,8 @@ def seed_study(**overrides: Any) -> StudyConfig:
 # --- TOML -----------------------------------------------------------------------------------
 
 
+# The field lists the API, the CLI's checks and sweeps use, read off the classes themselves.
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(Schedule))
 
 

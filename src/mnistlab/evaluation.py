@@ -14,17 +14,20 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import numpy as np
-import torch
 from annotated_types import MinLen
 from safetensors.numpy import save
 
 from mnistlab.data import Dataset
 from mnistlab.errors import CheckpointError, ConfigError, DataError
-from mnistlab.model import Checkpoint, finite_outputs, json_field, read_safetensors
 from mnistlab.validation import Text, validate
+
+if TYPE_CHECKING:  # PyTorch is imported where a model runs or a file is read: a worker that
+    import torch  # only draws Evaluations (mnistlab.report.workers) starts without it
+
+    from mnistlab.model import Checkpoint
 
 PREDICTIONS_FORMAT = "mnistlab-predictions/1"
 WORST = 25  # confident errors kept per model, with their images, for the misclassified grid
@@ -78,6 +81,8 @@ class Predictions:
         """Read a predictions file; a damaged or foreign one is a one-line CheckpointError."""
         fix = ("delete that model's stack file (checkpoints/stack-*.json naming it) and finish "
                "the run with --resume, which retrains that stack")
+        from mnistlab.model import json_field, read_safetensors
+
         tensors, meta = read_safetensors(path, PREDICTIONS_FORMAT, "predictions file", fix)
         try:
             classes = validate(_CLASSES, json_field(meta, "classes"), "classes")
@@ -89,19 +94,23 @@ class Predictions:
                    a["worst_images"])
 
 
-# What Predictions.to_bytes writes: each array's dtype and number of dimensions.
-_LAYOUT = {"labels": (torch.int16, 1), "predicted": (torch.int16, 1),
-           "probability": (torch.float32, 1), "true_probability": (torch.float32, 1),
-           "worst_index": (torch.int64, 1), "worst_images": (torch.uint8, 3)}
+# What Predictions.to_bytes writes: each array's dtype (a torch dtype's name) and number of
+# dimensions.
+_LAYOUT = {"labels": ("int16", 1), "predicted": ("int16", 1), "probability": ("float32", 1),
+           "true_probability": ("float32", 1), "worst_index": ("int64", 1),
+           "worst_images": ("uint8", 3)}
 _CLASSES = Annotated[tuple[Text, ...], MinLen(1), "must be a list of class names"]
 
 
 def _arrays(tensors: Mapping[str, torch.Tensor], n_classes: int) -> dict[str, np.ndarray]:
     """A predictions file's arrays, checked to be what Predictions.to_bytes writes (ValueError
     naming the first that is not): every later computation can then trust them."""
+    import torch
+
     if set(tensors) != set(_LAYOUT):
         raise ValueError(f"holds {sorted(tensors)}, not {sorted(_LAYOUT)}")
-    for key, (dtype, ndim) in _LAYOUT.items():
+    for key, (name, ndim) in _LAYOUT.items():
+        dtype = getattr(torch, name)
         if tensors[key].dtype != dtype or tensors[key].ndim != ndim:
             raise ValueError(f"{key} is {tensors[key].dtype} {tuple(tensors[key].shape)}, not "
                              f"{ndim}-dimensional {dtype}")
@@ -200,18 +209,24 @@ def _check(ckpt: Checkpoint, dataset: Dataset) -> None:
                         f"{n_classes} classes", "pass data with the model's classes")
 
 
-@torch.inference_mode()
 def logits(ckpt: Checkpoint, images: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
     """Model outputs (N, classes) for uint8 images, in eval mode, batch by batch to bound memory."""
+    import torch
+
     ckpt.model.eval()
-    parts = [ckpt.model(ckpt.inputs.prepare(images[i : i + batch_size]))
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0, len(ckpt.inputs.classes))
+    with torch.inference_mode():
+        parts = [ckpt.model(ckpt.inputs.prepare(images[i : i + batch_size]))
+                 for i in range(0, len(images), batch_size)]
+        return torch.cat(parts) if parts else torch.empty(0, len(ckpt.inputs.classes))
 
 
 def predictions(ckpt: Checkpoint, dataset: Dataset, worst: int = WORST) -> Predictions:
     """The checkpoint's answers on a labelled `dataset`, its classes named as the model names
     them: data whose classes were inferred from their labels may lack the model's last ones."""
+    import torch
+
+    from mnistlab.model import finite_outputs
+
     _check(ckpt, dataset)
     dataset = replace(dataset, classes=tuple(ckpt.inputs.classes))
     probs = finite_outputs(ckpt, logits(ckpt, dataset.images).softmax(dim=1))
@@ -221,6 +236,6 @@ def predictions(ckpt: Checkpoint, dataset: Dataset, worst: int = WORST) -> Predi
     return Predictions.of(predicted.numpy(), probability.numpy(), true.numpy(), dataset, worst)
 
 
-def evaluate(ckpt: Checkpoint, dataset: Dataset, worst: int = WORST) -> Evaluation:
+def score(ckpt: Checkpoint, dataset: Dataset, worst: int = WORST) -> Evaluation:
     """Score `ckpt` on a labelled `dataset`; `worst` caps the list of confident mistakes."""
     return evaluation(predictions(ckpt, dataset, worst))

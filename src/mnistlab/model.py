@@ -1,7 +1,8 @@
 """The MLP as a plain `nn.Sequential`, and its checkpoint: safetensors + config in the metadata.
 
 A checkpoint alone rebuilds the model: the metadata carries the RunConfig, the input shape, the
-class names and the input normalisation. Loading never unpickles anything.
+class names and the input normalisation. Loading never unpickles anything. Callers save and load
+checkpoints through mnistlab.modules (any model's), which uses the MLP's format here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from mnistlab.atomic import atomic_write_bytes
 from mnistlab.config import RunConfig, to_dict
 from mnistlab.errors import CheckpointError, ConfigError
 from mnistlab.inputs import open_input
@@ -77,14 +77,14 @@ class Checkpoint:
     config: RunConfig
     inputs: InputSpec
     seed: int | None = None
-    # How it was trained (mnistlab.arithmetic.Arithmetic.as_dict(): device kind, CPU step,
+    # How it was trained (mnistlab.engine.Arithmetic.as_dict(): device kind, CPU step,
     # Triton, CUDA graphs, matmul precision, torch version); None in checkpoints made without.
     arithmetic: dict[str, str | bool | None] | None = None
     origin: str = ""  # the file it was loaded from, for messages ("" when made in memory)
 
 
-def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
-    """The checkpoint file's exact bytes, so a remote worker can ship a model without a disk."""
+def mlp_checkpoint_bytes(ckpt: Checkpoint) -> bytes:
+    """An MLP checkpoint file's exact bytes, so a remote worker can ship a model without a disk."""
     meta = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(to_dict(ckpt.config)),
@@ -94,11 +94,6 @@ def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.model.state_dict().items()}
     return save(tensors, metadata=meta)
-
-
-def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
-    """Write atomically (temp + rename) so a crash never leaves a half-written checkpoint."""
-    atomic_write_bytes(path, checkpoint_bytes(ckpt))
 
 
 def json_field(meta: Mapping[str, str], key: str) -> Any:
@@ -162,8 +157,8 @@ def read_safetensors(
     return tensors, meta
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Rebuild a model from its checkpoint; anything else is a one-line CheckpointError."""
+def load_mlp_checkpoint(path: str | Path) -> Checkpoint:
+    """Rebuild an MLP from its checkpoint; anything else is a one-line CheckpointError."""
     path = Path(path)
     fix = "pass a .safetensors checkpoint written by mnistlab (runs/<study>/checkpoints/)"
     if not path.is_file():

@@ -6,7 +6,7 @@ Its checkpoint holds the module's state dict (safetensors) and, in the metadata,
 configuration, the factory's path, the input spec, the seed and the arithmetic; loading imports
 the factory and never unpickles. `checkpoint_bytes`, `save_checkpoint` and `load_checkpoint`
 here take any model's checkpoint, the MLP's (mnistlab.model's format) too: every caller that
-saves or loads a checkpoint goes through them. mnistlab.general trains these models as stacks.
+saves or loads a checkpoint goes through them. mnistlab.engine trains these models as stacks.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def _load_module(path: Path) -> Checkpoint:
 def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
     """The checkpoint file's exact bytes, in the MLP's format or a module's (so a remote worker
     can ship a model without a disk)."""
-    return mlp.checkpoint_bytes(ckpt) if ckpt.config.model == "mlp" else _module_bytes(ckpt)
+    return mlp.mlp_checkpoint_bytes(ckpt) if ckpt.config.model == "mlp" else _module_bytes(ckpt)
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
@@ -269,4 +269,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_file() and mlp.file_format(path) == CHECKPOINT_FORMAT:
         return _load_module(path)
-    return mlp.load_checkpoint(path)
+    return mlp.load_mlp_checkpoint(path)

@@ -13,14 +13,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from mnistlab import stats
 from mnistlab.model import Checkpoint
 from mnistlab.modules import load_checkpoint
 from mnistlab.runs import METRIC_COLUMNS, RunDir
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
     from torch import nn
 
@@ -82,12 +81,16 @@ class Results:
     def metrics(self) -> pd.DataFrame:
         """Every record, long format as in metrics.csv: run, seed, step, epoch, split, loss,
         accuracy."""
+        import pandas as pd  # on first use: a command that only prints needs no pandas
+
         return pd.DataFrame(self.run_dir.read_metrics(), columns=list(METRIC_COLUMNS))
 
     @cached_property
     def runs(self) -> pd.DataFrame:
         """One row per model (configuration × seed): final and best validation, test metrics,
         divergence, seconds."""
+        import pandas as pd
+
         return pd.DataFrame(self.raw["runs"])
 
     @cached_property
@@ -96,6 +99,8 @@ class Results:
         (a lone one: lr, hidden, dropout, layernorm), seeds, and for each statistic its mean and
         95% interval over seeds (`<stat>`, `<stat>_low`, `<stat>_high`), and how many seeds
         diverged."""
+        import pandas as pd
+
         rows = []
         fields = varied([c["config"] for c in self.raw["configs"]])
         plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
@@ -114,6 +119,8 @@ class Results:
         """Each compared pair (a − b on the test set, a ranked higher on validation): the
         difference with its 95% interval, bootstrap p and its Holm correction, significance,
         the probability that a seed of a beats one of b, and McNemar's p per seed pair."""
+        import pandas as pd
+
         rows = [{"a": p["a"], "b": p["b"], "diff": p["diff"], "ci_low": p["ci_low"],
                  "ci_high": p["ci_high"], "p": p["p"], "p_holm": p["p_holm"],
                  "significant": p["significant"], "p_a_beats_b": p["p_a_beats_b"],
@@ -127,11 +134,17 @@ class Results:
         return Page(self.report_path, height)
 
     def checkpoint(self, name: str | None = None, seed: int | None = None) -> Checkpoint:
-        """A model with its configuration and input normalisation; by default the winner's (the
-        seed the report shows)."""
+        """A model with its configuration and input normalisation: configuration `name`'s (by
+        default the winner) with `seed` (by default its shown seed: mnistlab.stats.shown_seed,
+        as the report, `evaluate` and `predict` choose)."""
         name = name or self.winner
         if seed is None:
-            seed = stats.winner_seed(self.raw) if name == self.winner else self.raw["seeds"][0]
+            seed = stats.shown_seed(self.raw, name)
+        if name is None or seed is None:
+            from mnistlab.errors import MnistlabError
+
+            raise MnistlabError(f"{self.path}: every model of {name or 'the run'} diverged; pass "
+                                "name= and seed= to load one")
         return load_checkpoint(self.run_dir.model_path(name, seed))
 
     def model(self, name: str | None = None, seed: int | None = None) -> nn.Sequential:

@@ -33,9 +33,9 @@ from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict
 
 from mnistlab._version import __version__
-from mnistlab.arithmetic import Arithmetic, requested
 from mnistlab.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, write_error
 from mnistlab.config import MetricRow
+from mnistlab.engine import Arithmetic, requested
 from mnistlab.errors import CheckpointError, ConfigError, MnistlabError
 from mnistlab.inputs import open_input
 from mnistlab.validation import Int, Name, Number, Text, validate
@@ -201,7 +201,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def environment(extra: Mapping[str, Any] | None = None, device: str = "",
                 arithmetic: Arithmetic | None = None) -> dict[str, Any]:
-    """Versions, device, the arithmetic (every switch that changes a number: mnistlab.arithmetic;
+    """Versions, device, the arithmetic (every switch that changes a number: engine.Arithmetic;
     by default what the environment asks for on `device`) and git revision: what it takes to
     say where a number came from."""
     import numpy

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -54,6 +53,8 @@ def describe(values: Iterable[float], bounded: bool = False) -> dict[str, Any]:
         mean = float(x.mean()) if n else nan
         return {"mean": mean, "std": nan, "n": n, "ci_low": nan, "ci_high": nan,
                 "interval": NO_INTERVAL if n else "n/a (no finite value)"}
+    from scipy import stats as sps  # here: a run of one seed never needs SciPy's import
+
     mean, std = float(x.mean()), float(x.std(ddof=1))
     half = float(sps.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1)) * std / math.sqrt(n)
     low, high = mean - half, mean + half
@@ -113,6 +114,8 @@ def bootstrap_p(differences: np.ndarray) -> float:
 def mcnemar(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """McNemar's exact test of two models on the same images: only the images exactly one of
     them gets right count; under "equally good" each such image is a fair coin."""
+    from scipy import stats as sps
+
     a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
     p = sps.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
     return {"a_only": a_only, "b_only": b_only, "p": float(p)}
@@ -123,6 +126,8 @@ def probability_of_improvement(a: Sequence[float], b: Sequence[float]) -> float:
     Mann–Whitney U statistic over the number of pairs (as rliable reports it)."""
     if not len(a) or not len(b):
         return math.nan
+    from scipy import stats as sps
+
     u = sps.mannwhitneyu(a, b, alternative="two-sided").statistic
     return float(u / (len(a) * len(b)))
 
@@ -135,6 +140,8 @@ def seeds_needed(diff: float, sd_a: float, sd_b: float, alpha: float = ALPHA,
     sd = math.sqrt((sd_a**2 + sd_b**2) / 2)
     if not (math.isfinite(diff) and math.isfinite(sd)) or diff == 0 or sd == 0:
         return None
+    from scipy import stats as sps
+
     for n in range(2, most + 1):
         df, ncp = 2 * n - 2, abs(diff) / (sd * math.sqrt(2 / n))
         critical = sps.t.ppf(1 - alpha / 2, df)
@@ -221,8 +228,8 @@ def rank(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [c["run"] for c in sorted(configs, key=key)]
 
 
-def summarize(configs: Mapping[str, Mapping[str, Any]], comparer: Comparer,
-              rungs: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+def statistics(configs: Mapping[str, Mapping[str, Any]], comparer: Comparer,
+               rungs: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """summary.json's statistics: "configs" (in `configs` order, which maps each name to its
     plain RunConfig dict), "selection", "comparisons", "power" and "warnings". `rungs` maps a
     sweep's configurations to (rung reached, epochs trained)."""
@@ -321,10 +328,28 @@ def winner_seed(summary: Mapping[str, Any]) -> int | None:
     return summary.get("selection", {}).get("seed")
 
 
+def finished_seeds(summary: Mapping[str, Any], name: str | None) -> list[int]:
+    """The seeds of configuration `name` whose models finished (did not diverge), in run
+    order."""
+    return [r["seed"] for r in summary["runs"]
+            if r["run"] == name and r.get("diverged_at") is None]
+
+
+def shown_seed(summary: Mapping[str, Any], name: str | None) -> int | None:
+    """The seed whose model stands for configuration `name` where no seed is asked for (the
+    report, `evaluate`, `predict`, `export`, `Results.checkpoint`): the winner's shown seed
+    (winner_seed), else the configuration's first finished seed; None when every seed of it
+    diverged. The one place this default is decided."""
+    if name is not None and name == winner(summary) and winner_seed(summary) is not None:
+        return winner_seed(summary)
+    return next(iter(finished_seeds(summary, name)), None)
+
+
 def seed_band(
     rows: Sequence[Mapping[str, Any]], run: str, split: str, metric: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean, min, max) of `metric` over seeds at each recorded step of one run and split.
+    """(steps, mean, min, max) of `metric` over seeds at each recorded step of one configuration
+    (`run`, its name) and split.
 
     NaN values (a diverged seed) are left out of the mean and band; a step where every seed is
     NaN stays NaN, which breaks a plotted line there instead of drawing a wrong value.

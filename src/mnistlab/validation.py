@@ -71,17 +71,43 @@ def _seed_range(value: int) -> int:
 SeedValue = Annotated[NonNegative, AfterValidator(_seed_range)]  # a seed, without a rule of its own
 Seed = Annotated[SeedValue, "must be an integer >= 0"]
 
+
+def plain_numbers(value: Any) -> Any:
+    """`value` with NumPy's scalars and arrays as Python's numbers and lists, inside lists,
+    tuples and dicts too: what a notebook holds (`np.arange(3)`, `np.int64(2)`) where a number
+    or a list of them is meant. Anything else is returned as it is. NumPy is recognised by its
+    module, so this costs no NumPy import."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    if type(value) in (list, tuple):
+        return type(value)(plain_numbers(v) for v in value)
+    if type(value) is dict:
+        return {k: plain_numbers(v) for k, v in value.items()}
+    return value
+
+
+def _plain_retry(check: Callable[[Any], Any], value: Any) -> Any:
+    """`check(value)`; where strict validation refuses it, `check(plain_numbers(value))`: NumPy
+    numbers and arrays are accepted wherever Python's are, converted here at the boundary (a
+    value refused both ways is reported as converted: `got 0.5`, not `got np.float64(0.5)`)."""
+    try:
+        return check(value)
+    except ValidationError:
+        return check(plain_numbers(value))
+
+
 @dataclass_transform(frozen_default=True)
 def validated(cls: type[T]) -> type[T]:
     """`cls` as a frozen, hashable dataclass whose fields pydantic checks (unknown fields too);
-    constructing one with a bad value raises a one-line ConfigError naming the class."""
+    constructing one with a bad value raises a one-line ConfigError naming the class. NumPy
+    numbers and arrays are taken as Python's (plain_numbers)."""
     cls = pydantic_dataclass(frozen=True, config=FORBID_EXTRA)(cls)
     init = cls.__init__
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            init(self, *args, **kwargs)
+            _plain_retry(lambda given: init(self, *given[0], **given[1]), (args, kwargs))
         except ValidationError as exc:
             raise ConfigError(one_line(exc, cls.__name__, cls)) from None
 
@@ -95,10 +121,11 @@ def _adapter(kind: Any) -> TypeAdapter:
 
 
 def validate(kind: Any, values: Any, where: str) -> Any:
-    """`values` (TOML/JSON data) as a `kind` (a validated dataclass, a TypedDict, a type), or a
-    one-line ConfigError: `<file>: <key> <rule>, got <value>`."""
+    """`values` (TOML/JSON data, or a caller's, where NumPy numbers and arrays stand for Python's)
+    as a `kind` (a validated dataclass, a TypedDict, a type), or a one-line ConfigError:
+    `<file>: <key> <rule>, got <value>`."""
     try:
-        return _adapter(kind).validate_python(values)
+        return _plain_retry(_adapter(kind).validate_python, values)
     except ValidationError as exc:
         raise ConfigError(one_line(exc, where, kind)) from None
 
@@ -198,7 +225,12 @@ def arguments(func: Callable[..., T]) -> Callable[..., T]:
     file's values are checked: a public function of the Python API then refuses a wrong
     argument in the one line the command line would print, `<function>: <argument> <rule>,
     got <value>` (the rule: the last string of the annotation, else the kinds it allows),
-    instead of failing later inside with a message that does not name it."""
+    instead of failing later inside with a message that does not name it.
+
+    NumPy scalars and arrays are accepted wherever Python numbers and lists are, and converted
+    here, at the boundary (plain_numbers): `seeds=np.arange(3)` is `seeds=[0, 1, 2]`. An
+    argument whose annotation takes arrays (in-memory data) keeps them; `**options` (RunConfig
+    and Schedule fields) are converted."""
     signature = inspect.signature(func)
 
     @functools.wraps(func)
@@ -207,8 +239,10 @@ def arguments(func: Callable[..., T]) -> Callable[..., T]:
         kinds = _argument_kinds(func)
         for name, value in bound.arguments.items():
             if name in kinds:
-                _check_argument(func.__name__, name, kinds[name], value)
-        return func(*args, **kwargs)
+                bound.arguments[name] = _check_argument(func.__name__, name, kinds[name], value)
+            elif signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                bound.arguments[name] = plain_numbers(value)
+        return func(*bound.args, **bound.kwargs)
 
     return checked
 
@@ -239,15 +273,20 @@ def _instances(kind: Any) -> Any:
     return kind
 
 
-def _check_argument(where: str, name: str, kind: Any, value: Any) -> None:
+def _check_argument(where: str, name: str, kind: Any, value: Any) -> Any:
+    """The argument to pass on: `value`, or its plain_numbers form where only that is valid."""
+    def check(given: Any) -> Any:
+        _argument_adapter(kind).validate_python(given)
+        return given
+
     try:
-        _argument_adapter(kind).validate_python(value)
+        return _plain_retry(check, value)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         if error["type"] == "value_error":
             raise ConfigError(f"{where}: {name}: {error['ctx']['error']}") from None
-        raise ConfigError(f"{where}: {name} {_argument_rule(kind)}, got {_shown(value)}"
-                          ) from None
+        shown = _shown(plain_numbers(value))
+        raise ConfigError(f"{where}: {name} {_argument_rule(kind)}, got {shown}") from None
 
 
 def _argument_rule(kind: Any) -> str:

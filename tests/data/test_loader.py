@@ -1,4 +1,4 @@
-"""load_path/load/describe: which files a folder's layout selects, name dispatch, the summary."""
+"""load_path/load/overview: which files a folder's layout selects, name dispatch, the summary."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mnistlab.data
-from mnistlab.data import csv, describe, idx, load, load_path, make_splits, npz
+from mnistlab.data import csv, idx, load, load_path, make_splits, npz, overview
 from mnistlab.data.dataset import DIGITS
 from mnistlab.data.idx import MNIST_LAYOUT
 from mnistlab.errors import DataError, MnistlabError
@@ -169,10 +169,10 @@ def test_load_unknown_name(fake_sources):
     )
 
 
-def test_describe(tmp_path, make_dataset):
+def test_overview(tmp_path, make_dataset):
     csv.write_csv(tmp_path / "train.csv", make_dataset(20, side=4))
     csv.write_csv(tmp_path / "test.csv", make_dataset(3, side=4, labelled=False))
-    text = describe(load_path(tmp_path))
+    text = overview(load_path(tmp_path))
     assert text.splitlines()[:8] == [
         f"source: {tmp_path.name}",
         f"train: {tmp_path / 'train.csv'}",
@@ -198,7 +198,7 @@ def test_real_mnist_test_set_alone_holds_out_a_test_part(mnist_dir, tmp_path):
         (tmp_path / name).symlink_to(mnist_dir / name)
     source = load_path(tmp_path)  # t10k pair plus a lone train-labels file
     assert len(source.train) == 10000 and source.test is None
-    assert "  rows: 10000" in describe(source) and "test: none" in describe(source)
+    assert "  rows: 10000" in overview(source) and "test: none" in overview(source)
     splits = make_splits(source)
     assert len(splits.test) + len(splits.train) + len(splits.val) == 10000 and splits.note
 

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-ZIP_MAGIC = b"PK\x03\x04"
+from mnistlab.data.magic import ZIP
 
 
 class ArchiveError(Exception):
@@ -26,7 +26,7 @@ def read_members(path: Path, wanted: Mapping[str, int]) -> Iterator[tuple[str, b
     archive order; `wanted` maps a member's name to the most bytes it may hold. A member not
     found is not yielded: the caller says what is missing."""
     with open(path, "rb") as f:
-        is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+        is_zip = f.read(4) in ZIP
     yield from (_zip if is_zip else _tar)(path, wanted)
 
 

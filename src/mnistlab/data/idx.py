@@ -23,10 +23,10 @@ import numpy as np
 
 from mnistlab.atomic import atomic_write_bytes
 from mnistlab.data.dataset import DIGITS, MAX_CLASSES, Dataset, inferred_classes
+from mnistlab.data.magic import GZIP, payload_head
 from mnistlab.errors import DataError
 from mnistlab.inputs import FLOOR, MAX_PAYLOAD, RATIO, payload_budget, read_input
 
-GZIP_MAGIC = b"\x1f\x8b"
 UBYTE = 0x08
 INT32 = 0x0C
 ELEMENTS = {UBYTE: np.dtype(np.uint8), INT32: np.dtype(">i4")}  # the element types read here
@@ -54,7 +54,7 @@ def read_bytes(path: str | Path) -> bytes:
     """The file's payload: gunzipped when it starts with the gzip magic bytes, whatever its name;
     one that decompresses to more than MAX_PAYLOAD bytes is a DataError."""
     data = _file(path)
-    return gunzip(data, path) if data.startswith(GZIP_MAGIC) else data
+    return gunzip(data, path) if data.startswith(GZIP) else data
 
 
 def gunzip(data: bytes, path: str | Path, limit: int | None = None,
@@ -84,7 +84,7 @@ def _inflate(data: bytes, path: str | Path) -> Iterator[bytes]:
     reader can stop as soon as it has seen enough."""
     pos = 0
     while pos < len(data):
-        if not data.startswith(GZIP_MAGIC, pos):
+        if not data.startswith(GZIP, pos):
             raise DataError(
                 path,
                 f"{len(data) - pos} unexpected bytes after the gzip stream",
@@ -143,28 +143,17 @@ def read_array(path: str | Path, ndim: int, element: int = UBYTE) -> np.ndarray:
 
 
 def _array(data: bytes, path: str | Path, ndim: int, element: int) -> np.ndarray:
-    if data.startswith(GZIP_MAGIC):
+    if data.startswith(GZIP):
         limit = min(_declared_size(data, path, ndim, element) + SLACK, MAX_PAYLOAD)
         data = gunzip(data, path, limit, "its IDX header declares")
     return parse(data, path, ndim, element)
-
-
-def _head(data: bytes, size: int) -> bytes:
-    """The first `size` payload bytes of `data`, gunzipped when it is gzip; fewer when the
-    data are too short or corrupt there (the full read then says why)."""
-    if not data.startswith(GZIP_MAGIC):
-        return data[:size]
-    try:
-        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data[:_CHUNK], size)
-    except zlib.error:
-        return b""
 
 
 def _declared_size(data: bytes, path: str | Path, ndim: int, element: int = UBYTE) -> int:
     """The payload size the IDX header at the start of gzipped `data` declares; MAX_PAYLOAD
     when the header is not readable from the first bytes (gunzip or parse then say why)."""
     header = 4 + 4 * ndim
-    head = _head(data, header)
+    head = payload_head(data, header)
     if len(head) < header:
         return MAX_PAYLOAD
     return header + math.prod(_dims(head, path, ndim, element)) * ELEMENTS[element].itemsize
@@ -241,7 +230,7 @@ def read_labels(path: str | Path, num_classes: int = len(DIGITS), first: int = 0
     `*-idx2-int[.gz]` table (QMNIST), each checked to be a class index. The files label the
     first class `first` (EMNIST letters: 1); the labels returned start at 0."""
     data = _file(path)
-    if _head(data, 4)[2:4] == bytes([INT32, 2]):
+    if payload_head(data, 4)[2:4] == bytes([INT32, 2]):
         table = _array(data, path, 2, INT32)
         labels, start, stride = table[:, 0], 12, 4 * table.shape[1]
     else:

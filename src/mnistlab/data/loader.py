@@ -13,12 +13,12 @@ the named classes is a one-line error naming the file, the place and the range.
 from __future__ import annotations
 
 import re
-import zlib
 from pathlib import Path
 
+from mnistlab.data import magic
 from mnistlab.data.csv import read_csv
 from mnistlab.data.dataset import Dataset, Source, share_classes
-from mnistlab.data.idx import GZIP_MAGIC, MNIST_LAYOUT, Layout, cannot_read, read_idx
+from mnistlab.data.idx import MNIST_LAYOUT, Layout, cannot_read, read_idx
 from mnistlab.data.npz import read_npz
 from mnistlab.errors import DataError, MnistlabError
 from mnistlab.inputs import not_regular, open_input
@@ -34,28 +34,19 @@ Parts = tuple[Dataset, Dataset | None]
 
 
 def _sniff(path: Path) -> str:
-    """Which reader fits: "npz", "npy", "idx" or "csv", from the first (gunzipped) bytes, not
-    the name."""
+    """Which reader fits: "zip" (an .npz), "npy", "idx" or "" (CSV), from the first (gunzipped)
+    bytes, not the name (mnistlab.data.magic). A corrupt gzip stream goes to the CSV reader,
+    which reports the corruption with its offset."""
     try:
         with open_input(path, "a data file") as f:
-            head = f.read(512)
+            return magic.kind(magic.payload_head(f.read(512), 8))
     except OSError as exc:
         raise cannot_read(path, exc) from None
-    if head.startswith(GZIP_MAGIC):
-        try:
-            head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(head, 4)
-        except zlib.error:
-            return "csv"  # the reader reports the corruption with its offset
-    if head.startswith(b"PK"):
-        return "npz"
-    if head.startswith(b"\x93NUMPY"):
-        return "npy"
-    return "idx" if head[:3] == b"\0\0\x08" else "csv"
 
 
 def _load_file(path: Path, classes: tuple[str, ...] | None) -> Parts:
     kind = _sniff(path)
-    if kind == "npz":
+    if kind == "zip":
         return read_npz(path, classes)
     if kind == "npy":
         raise DataError(
@@ -181,7 +172,7 @@ def _shape(dataset: Dataset) -> str:
     return "x".join(map(str, dataset.images.shape[1:]))
 
 
-def _describe_part(title: str, dataset: Dataset) -> list[str]:
+def _overview_part(title: str, dataset: Dataset) -> list[str]:
     lines = [
         f"{title}: {dataset.origin}",
         f"  rows: {len(dataset)}",
@@ -197,8 +188,8 @@ def _describe_part(title: str, dataset: Dataset) -> list[str]:
     return lines
 
 
-def describe(source: Source) -> str:
-    """The `mnistlab data check` summary: per part rows, shape, classes and counts, pixel range."""
-    lines = [f"source: {source.name}", *_describe_part("train", source.train)]
-    lines += _describe_part("test", source.test) if source.test is not None else ["test: none"]
+def overview(source: Source) -> str:
+    """The `mnistlab data check` overview: per part rows, shape, classes and counts, pixel range."""
+    lines = [f"source: {source.name}", *_overview_part("train", source.train)]
+    lines += _overview_part("test", source.test) if source.test is not None else ["test: none"]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mnistlab.atomic import atomic_path
+from mnistlab.data import magic
 from mnistlab.data.dataset import (
     DIGITS,
     MAX_CLASSES,
@@ -34,7 +35,6 @@ from mnistlab.inputs import budget_words, open_input, payload_budget
 PARTS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 CLASSES = "classes"
 SAVE_HELP = "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
-ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a first entry, or an empty archive
 # What np.load and zipfile raise on a damaged archive or member: damaged flag bits read as
 # "encrypted" (RuntimeError) or an unknown compression method (NotImplementedError); a damaged
 # .npy header can claim a shape too large to allocate (MemoryError).
@@ -58,9 +58,9 @@ def _open(path: str | Path) -> np.lib.npyio.NpzFile:
             head = f.read(6)
     except OSError as exc:
         raise cannot_read(path, exc) from None
-    if head.startswith(b"\x93NUMPY"):
+    if magic.kind(head) == "npy":
         raise DataError(path, "holds a single .npy array, not an .npz archive", SAVE_HELP)
-    if head[:4] not in ZIP_MAGICS:
+    if magic.kind(head) != "zip":
         raise DataError(path, "not an .npz archive (no zip signature)", SAVE_HELP, where="byte 0")
     try:
         return np.load(path, allow_pickle=False)

@@ -45,7 +45,7 @@ from rich.progress import (
 from mnistlab.atomic import atomic_path
 from mnistlab.data import index
 from mnistlab.data.archive import ArchiveError, read_members
-from mnistlab.data.idx import GZIP_MAGIC
+from mnistlab.data.magic import GZIP
 from mnistlab.data.registry import REGISTRY, Archive, DatasetInfo, Mirror, Resource
 from mnistlab.data.urls import TIMEOUT, USER_AGENT, redact, request
 from mnistlab.errors import MnistlabError
@@ -297,7 +297,7 @@ def _store(member: str, data: bytes, resource: Resource, folder: Path) -> None:
     payload), verified before it takes the final name."""
     target = folder / resource.filename
     with atomic_path(target) as tmp:
-        tmp.write_bytes(data if data.startswith(GZIP_MAGIC)
+        tmp.write_bytes(data if data.startswith(GZIP)
                         else gzip.compress(data, compresslevel=6, mtime=0))
         problem = mismatch(tmp, resource)
         if problem:

@@ -1,11 +1,13 @@
-"""Executors run jobs and hand back what each produced; they never write the run directory.
+"""Executors run jobs and hand back what each produced. The only files they write are resume
+states, where `state_path` says (the run directory's checkpoints/, in this process; none on a
+Ray worker); the results in the run directory are the pipeline's to write.
 
-`train_job` is the pure compute step: one engine call (one per part where a stack runs out of
+`train_job` is the compute step: one engine call (one per part where a stack runs out of
 memory and is trained in halves), then each model's checkpoint bytes, test predictions and
-summary. An executor runs it for each job — in this process (`LocalExecutor`) or as Ray tasks on
-a cluster (`experiment.ray.RayExecutor`) — and yields (job, result) as results come. The
-pipeline records them, so a job retried on another worker can never leave half a result or a
-duplicate behind.
+summary, in memory. An executor runs it for each job — in this process (`LocalExecutor`) or as
+Ray tasks on a cluster (`experiment.ray.RayExecutor`) — and yields (job, result) as results
+come. The pipeline records each result whole, its done file last, so a job retried on another
+worker leaves neither half a result nor a duplicate behind.
 """
 
 from __future__ import annotations
@@ -13,23 +15,27 @@ from __future__ import annotations
 import contextlib
 import gc
 import glob
-import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
-from mnistlab import engine, general
-from mnistlab.arithmetic import Arithmetic
-from mnistlab.config import Schedule
+from mnistlab import engine
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Member, RecordEvent, TrainResult
+from mnistlab.engine import (
+    Arithmetic,
+    Member,
+    RecordEvent,
+    TrainResult,
+    free_bytes,
+    out_of_memory,
+    out_of_memory_reason,
+    release_memory,
+    steps_per_epoch,
+)
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Predictions
-from mnistlab.experiment.plan import Job, auto_stack_size, free_bytes
+from mnistlab.experiment.plan import Job, auto_stack_size
 from mnistlab.experiment.trials import Trial
 from mnistlab.modules import checkpoint_bytes
 
@@ -69,11 +75,6 @@ class JobResult:
     outcome: Outcome
     models: list[bytes]
     predictions: list[bytes]
-
-
-def steps_per_epoch(n_train: int, schedule: Schedule) -> int:
-    batch = schedule.batch_size
-    return n_train // batch if schedule.drop_last else math.ceil(n_train / batch)
 
 
 def _run_summary(member: Member, result: TrainResult, k: int) -> dict[str, Any]:
@@ -129,16 +130,10 @@ def train_job(
     model of a split stack says so in its summary (`stack_split`), and `on_note` hears why.
     """
 
-    # The MLP's specialised engine, or the general one for any other model (mnistlab.general).
-    # Only the MLP's reports steps between records (`on_step`, for a live bar).
-    mlp = job.members[0].config.model == "mlp"
-    trainer = engine.train if mlp else general.train
-    steps = {"on_step": on_step} if mlp and on_step else {}
-
     def attempt(members: list[Member], path: Path | None) -> TrainResult:
-        return trainer(splits, members, job.schedule, device=device, state_path=path,
-                       resume=True, on_record=on_record, on_log=on_log, arithmetic=arithmetic,
-                       **steps)
+        return engine.train(splits, members, job.schedule, device=device, state_path=path,
+                            resume=True, on_record=on_record, on_log=on_log,
+                            arithmetic=arithmetic, on_step=on_step)
 
     parts = _fitted(list(job.members), state_path, attempt, device, on_note or (lambda _: None))
     gc.collect()  # the last stack's gradients and moments (a reference cycle) before the copies
@@ -185,8 +180,8 @@ def _fitted(
         except Exception as exc:  # re-raised below unless an allocation failed
             if not out_of_memory(exc):
                 raise
-            why = _reason(exc)
-        _release(device)  # outside the handler: the traceback no longer holds the attempt
+            why = out_of_memory_reason(exc)
+        release_memory(device)  # outside the handler: the traceback no longer holds the attempt
     if len(members) == 1:
         free = free_bytes(device) / 2**30
         m = members[0]
@@ -209,39 +204,6 @@ def _split_states(state_path: Path | None) -> list[Path]:
         return []
     pattern = f"{glob.escape(state_path.stem)}.[01]*{glob.escape(state_path.suffix)}"
     return sorted(state_path.parent.glob(pattern))
-
-
-_ALLOCATION_FAILED = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc`, or an error it was raised while handling, is a failed allocation: CUDA's
-    torch.OutOfMemoryError, the CPU allocator's RuntimeError, Python's MemoryError (a failed CUDA
-    graph capture reports the allocation as its context)."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, torch.OutOfMemoryError | MemoryError):
-            return True
-        if isinstance(error, RuntimeError) and any(t in str(error) for t in _ALLOCATION_FAILED):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _reason(exc: BaseException) -> str:
-    """A failed allocation in a few words: PyTorch's messages run to a paragraph."""
-    asked = re.search(r"allocate (\d+(?:\.\d+)? ?[KMGT]?i?B|\d+ bytes)", str(exc))
-    return "out of memory" + (f" allocating {asked.group(1)}" if asked else "")
-
-
-def _release(device: str) -> None:
-    """Give back what a failed attempt held: its tensors (reference cycles too: a stack and its
-    backend point at each other) and, on CUDA, the allocator's cached blocks."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 class LocalExecutor:

@@ -19,7 +19,7 @@ from typing import Any
 from mnistlab.config import Schedule
 from mnistlab.experiment.executor import Outcome
 from mnistlab.experiment.trials import Experiment, Trial
-from mnistlab.stats import SELECTION, describe
+from mnistlab.stats import SELECTION, describe, rank
 
 ETA = 3  # the best 1/ETA go on at each rung; rungs are ETA times longer
 
@@ -37,17 +37,16 @@ def rung_schedule(schedule: Schedule, rung: int, rungs: int) -> Schedule:
     return dataclasses.replace(schedule, epochs=epochs)
 
 
-def rank(names: Sequence[str], outcomes: Sequence[Outcome]) -> list[str]:
-    """`names` best first by mean final validation accuracy over seeds in `outcomes` (as
-    mnistlab.stats ranks: a diverged seed is left out). Ties keep the given order; a
-    configuration whose seeds all diverged ranks last."""
-    val: dict[str, list[float]] = {}
+def rank_by_validation(names: Sequence[str], outcomes: Sequence[Outcome]) -> list[str]:
+    """`names` best first by their models' final validation accuracy in `outcomes`, ranked by
+    mnistlab.stats.rank (the one ranking rule: mean over seeds, a diverged seed left out, ties
+    in the given order, a configuration whose seeds all diverged last)."""
+    val: dict[str, list[float]] = {name: [] for name in names}
     for outcome in outcomes:
-        for run in outcome.runs:
-            val.setdefault(run["run"], []).append(run[SELECTION])
-    score = {name: describe(v)["mean"] for name, v in val.items()}
-    score = {k: v if math.isfinite(v) else -math.inf for k, v in score.items()}
-    return sorted(names, key=lambda name: -score[name])
+        for model in outcome.runs:
+            if model["run"] in val:
+                val[model["run"]].append(model[SELECTION])
+    return rank([{"run": name, SELECTION: describe(v)} for name, v in val.items()])
 
 
 def successive_halving(
@@ -67,7 +66,7 @@ def successive_halving(
                   for t in experiment.trials(names)]
         done = train_rung(f"r{rung}-", trials)
         outcomes += done
-        ranked = rank(names, done)
+        ranked = rank_by_validation(names, done)
         kept = ranked[: max(1, math.ceil(len(names) / ETA))] if rung < rungs - 1 else ranked
         epochs = {t.config.name: t.schedule.epochs for t in trials}
         log.append({"epochs": [epochs[n] for n in names], "configs": names, "kept": kept})

@@ -2,8 +2,9 @@
 
 A study, a sweep, a halving sweep and a single `train` all run here; so do Ray runs, through
 another executor. Each finished job is recorded in the run directory (models, test predictions,
-a done file), so a resumed run skips it, and an unfinished one continues from the engine's last
-epoch-end state: an interrupted run ends with the same numbers as an uninterrupted one.
+a done file), so a resumed run skips it; an unfinished one continues from the engine's last
+epoch-end state in this process (a Ray task keeps none: it trains its job again from the start).
+Either way an interrupted run ends with the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,27 +18,19 @@ from typing import Any, Protocol
 
 import torch
 
-from mnistlab import augment
-from mnistlab.arithmetic import Arithmetic, honour, overridden, requested
 from mnistlab.board import Board
 from mnistlab.config import study_to_toml
 from mnistlab.data import Source, load, make_splits
 from mnistlab.data.dataset import Splits
+from mnistlab.engine import Arithmetic, check_bounds, honour, overridden, requested
 from mnistlab.errors import MnistlabError
-from mnistlab.experiment.executor import (
-    JobResult,
-    LocalExecutor,
-    Outcome,
-    Watcher,
-    steps_per_epoch,
-)
+from mnistlab.experiment.executor import JobResult, LocalExecutor, Outcome, Watcher
 from mnistlab.experiment.halving import successive_halving
 from mnistlab.experiment.plan import Job, plan
 from mnistlab.experiment.summary import latest, summarize
 from mnistlab.experiment.sweep import sweep_to_toml
 from mnistlab.experiment.trials import Experiment, Trial
 from mnistlab.runs import RunDir, environment
-from mnistlab.schedules import check_length
 
 
 class Executor(Protocol):
@@ -80,11 +73,11 @@ def run(
     """Run `experiment` into a new run directory under `out`, or finish the one in `resume`.
 
     Data and device come first, so a bad `--data` or `--device` leaves no half-made run
-    directory behind. The arithmetic (mnistlab.arithmetic) is resolved once, recorded in
+    directory behind. The arithmetic (engine.Arithmetic) is resolved once, recorded in
     env.json, and a resumed run trains with the one it recorded.
     """
     splits = load_splits(experiment, source)
-    check_fits(experiment, splits)
+    _check_bounds(experiment, splits)
     executor = executor or LocalExecutor()
     with executor.session():
         recorded = resume.recorded_arithmetic() if resume is not None else None
@@ -100,8 +93,7 @@ def run(
         if resume is not None and _complete(resume):  # checked like any resume, then said so
             watch.note(f"{resume.root} is complete: nothing to resume (its results as they are)")
             return resume
-        board = Board(run_dir.tensorboard, {c.name: (c, experiment.schedule(c.name))
-                                            for c in experiment.study.runs})
+        board = Board(run_dir.tensorboard, experiment.scheduled())
         watch = _AlsoLogged(watch, board)
         _notes(watch, experiment, run_dir, splits)
         run_dir.write_env(environment({"seeds": list(experiment.study.seeds),
@@ -134,13 +126,11 @@ def _complete(run_dir: RunDir) -> bool:
     return True
 
 
-def check_fits(experiment: Experiment, splits: Splits) -> None:
+def _check_bounds(experiment: Experiment, splits: Splits) -> None:
     """The settings that only the data can bound, checked before a run directory exists: each
     configuration's shift within its images, its schedule's length in steps."""
     for config in experiment.study.runs:
-        augment.check_fits(config, splits.train.images.shape[1:])
-        schedule = experiment.schedule(config.name)
-        check_length(config, steps_per_epoch(len(splits.train), schedule) * schedule.epochs)
+        check_bounds(config, experiment.schedule(config.name), splits.train)
 
 
 def _open(experiment: Experiment, out: Path, resume: RunDir | None) -> RunDir:

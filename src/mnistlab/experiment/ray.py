@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mnistlab.arithmetic import Arithmetic
 from mnistlab.data.dataset import Splits
+from mnistlab.engine import Arithmetic, cluster_device
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment.executor import JobResult, Watcher, train_job
 from mnistlab.experiment.plan import Job, auto_stack_size
@@ -74,9 +74,8 @@ def _check_reachable(address: str) -> None:
 def _placement(resources: dict[str, float], device: str) -> tuple[int, str]:
     """(GPUs per task, device the task trains on): a GPU each when asked for or, with auto, when
     the cluster has any; otherwise the CPU, so no task uses a GPU it did not reserve."""
-    if device == "cuda" or (device == "auto" and resources.get("GPU", 0) > 0):
-        return 1, "cuda"
-    return 0, "cpu" if device == "auto" else device
+    device = cluster_device(device, resources.get("GPU", 0) > 0)
+    return (1 if device == "cuda" else 0), device
 
 
 def _task(splits: Splits, job: Job, device: str, arithmetic: Arithmetic

@@ -13,9 +13,10 @@ from mnistlab import claims, stats
 from mnistlab.config import SCHEDULE_FIELDS, to_dict
 from mnistlab.data.dataset import Splits
 from mnistlab.data.identity import is_dataset
+from mnistlab.engine import steps_per_epoch
 from mnistlab.evaluation import Predictions
-from mnistlab.experiment.executor import Outcome, steps_per_epoch
-from mnistlab.experiment.halving import ETA, rank
+from mnistlab.experiment.executor import Outcome
+from mnistlab.experiment.halving import ETA, rank_by_validation
 from mnistlab.experiment.trials import Experiment
 from mnistlab.runs import RunDir
 
@@ -54,7 +55,7 @@ def summarize(experiment: Experiment, run_dir: RunDir, splits: Splits,
     reached = {name: (i, e) for i, rung in enumerate(rungs or [])
                for name, e in zip(rung["configs"], rung["epochs"], strict=True)}
     comparer = stats.Comparer(runs, _correct(run_dir, runs))
-    statistics = stats.summarize(configs, comparer, reached)
+    statistics = stats.statistics(configs, comparer, reached)
     summary = {
         "kind": experiment.kind,
         "study": study.name,
@@ -104,7 +105,7 @@ def _claims(configs: dict[str, dict], entries: list[dict], rows: list[dict],
 def _single_rung(experiment: Experiment, outcomes: Sequence[Outcome]) -> dict[str, Any]:
     names = [c.name for c in experiment.study.runs]
     epochs = [experiment.schedule(n).epochs for n in names]
-    return {"epochs": epochs, "configs": names, "kept": rank(names, outcomes)}
+    return {"epochs": epochs, "configs": names, "kept": rank_by_validation(names, outcomes)}
 
 
 def _schedule_fields(experiment: Experiment, configs: dict[str, dict]) -> None:

@@ -23,6 +23,7 @@ from pydantic import AfterValidator, BeforeValidator
 from pydantic_core import PydanticCustomError
 
 from mnistlab.config import (
+    CONFIG_FIELDS,
     SCHEDULE_FIELDS,
     DataName,
     Device,
@@ -51,7 +52,6 @@ from mnistlab.validation import (
     validated,
 )
 
-RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name != "name")
 DEFAULTS = {**to_dict(RunConfig()), **to_dict(Schedule())}
 
 # How each field shows in a configuration's name, in name order: prefix, or (if true, if false).
@@ -245,7 +245,7 @@ def _configuration(
     spec: SweepSpec, point: Mapping[str, Any], varying: Sequence[str], tiny: set[str], where: str
 ) -> tuple[RunConfig, Schedule]:
     name = "_".join(_name_part(k, point[k], k in tiny) for k in varying) or spec.name
-    run = {k: v for k, v in point.items() if k in RUN_FIELDS}
+    run = {k: v for k, v in point.items() if k in CONFIG_FIELDS}
     schedule = {k: v for k, v in point.items() if k in SCHEDULE_FIELDS}
     config = validate(RunConfig, {**to_dict(spec.base), **run, "name": name}, where)
     return config, dataclasses.replace(spec.schedule, **schedule)

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from mnistlab import stats
-from mnistlab.config import load_study
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Predictions
+from mnistlab.experiment.trials import Experiment
 from mnistlab.report import plots
 from mnistlab.report.html import CSS, _comparison_table, _figure, mean_ci, number, table
 from mnistlab.runs import RunDir
@@ -60,7 +60,7 @@ def _key(k: int) -> str:
 def _read(key: str, path: str | Path) -> _Run:
     run_dir = RunDir.existing(path)
     summary = run_dir.read_summary()
-    study = load_study(run_dir.config_path)
+    study = Experiment.from_run_dir(run_dir).study
     sizes = summary.get("sizes", {})
     test_set = (summary.get("data"), sizes.get("test"), study.val_fraction, study.split_seed)
     finished = [r for r in summary["runs"] if r.get("diverged_at") is None]
@@ -116,7 +116,7 @@ class Comparison:
                 + "; ".join(self.refused))
 
     def _statistics(self, group: list[_Run]) -> dict[str, Any]:
-        """stats.summarize over every configuration of runs sharing their test images: the
+        """stats.statistics over every configuration of runs sharing their test images: the
         paired bootstrap and McNemar's test as within one study."""
         configs: dict[str, dict[str, Any]] = {}
         rows: list[dict[str, Any]] = []
@@ -130,7 +130,7 @@ class Comparison:
                     p = Predictions.load(run.run_dir.predictions_path(r["run"], r["seed"]))
                     correct.setdefault(run.label(r["run"]), []).append(p.predicted == p.labels)
         comparer = stats.Comparer(rows, {k: np.stack(v) for k, v in correct.items()})
-        return {**stats.summarize(configs, comparer), "runs": rows}
+        return {**stats.statistics(configs, comparer), "runs": rows}
 
     @cached_property
     def hyperparameters(self) -> list[str]:
@@ -299,9 +299,3 @@ def _interval(p: Any) -> str:
 
 def _p(value: float) -> str:
     return f"{value:.2g}" if math.isfinite(value) else "–"
-
-
-def compare(*paths: str | Path) -> Comparison:
-    """Configurations of several run directories side by side (see Comparison)."""
-    return Comparison(paths)
-

@@ -26,7 +26,8 @@ Figure = tuple[str, Path]  # (caption, png)
 class Figures:
     """The page's plots, by where they go."""
 
-    main: Figure  # every configuration's validation accuracy: on the first screen
+    main: Figure  # on the first screen: every configuration's validation accuracy (a lone
+    # configuration's training and validation accuracy)
     comparison: Sequence[Figure] = ()  # test accuracy per configuration, validation loss
     sweep: Sequence[Figure] = ()  # a sweep's heat map
     curves: Sequence[tuple[str, Path, Path]] = ()  # per configuration: (name, loss, accuracy)
@@ -133,7 +134,7 @@ def reading(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> li
     configs = {c["run"]: c for c in summary["configs"]}
     best = summary["selection"]["winner"]
     if best is None:
-        return ["No configuration has a finite validation accuracy: every run diverged."]
+        return ["No configuration has a finite validation accuracy: every model diverged."]
     v, t = configs[best]["final_val_accuracy"], configs[best]["test_accuracy"]
     seeds = f"{v['n']} seed{'s' * (v['n'] != 1)}"
     if len(configs) == 1:  # one configuration: nothing was chosen, nothing to compare
@@ -301,7 +302,7 @@ def _stats_table(configs: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[st
     the winner highlighted."""
     header = ["rank", "configuration", "seeds", "final val accuracy [95% CI]",
               "test accuracy [95% CI]", "best val accuracy", "train − val gap", "test loss",
-              "time per run", "diverged"]
+              "time per model", "diverged"]
     by_name = {c["run"]: c for c in configs}
     rows = [[
         i, c["run"], c["n"], mean_ci(c["final_val_accuracy"]), mean_ci(c["test_accuracy"]),
@@ -312,7 +313,7 @@ def _stats_table(configs: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[st
 
 
 def _seconds(runs: Sequence[Mapping[str, Any]], name: str) -> str:
-    """Mean training seconds per run of one configuration (its stack's time, split per model)."""
+    """Mean training seconds per model of one configuration (its stack's time, split per model)."""
     seconds = [r["seconds"] for r in runs if r["run"] == name and r.get("seconds") is not None]
     return f"{sum(seconds) / len(seconds):.1f} s" if seconds else "–"
 
@@ -388,10 +389,13 @@ def _lede(summary: Mapping[str, Any], study: StudyConfig | None) -> str:
             f"{summary.get('seconds', math.nan):.0f} s of training.{chosen}</p>")
 
 
-def _curves(curves: Sequence[tuple[str, Path, Path]]) -> list[str]:
-    """One row per configuration: its loss and accuracy side by side."""
-    return [f'<div class="pair">{_figure(f"{name}: loss", loss)}'
-            f'{_figure(f"{name}: accuracy", accuracy)}</div>' for name, loss, accuracy in curves]
+def _curves(curves: Sequence[tuple[str, Path, Path]], shown: Path) -> list[str]:
+    """One row per configuration: its loss and accuracy side by side; not the figure already
+    `shown` first (a lone configuration's accuracy)."""
+    return ['<div class="pair">' + "".join(
+        _figure(f"{name}: {metric}", path)
+        for metric, path in (("loss", loss), ("accuracy", accuracy)) if path != shown) + "</div>"
+        for name, loss, accuracy in curves]
 
 
 def _footer(summary: Mapping[str, Any], env: Mapping[str, Any], reproduce: str) -> str:
@@ -438,7 +442,7 @@ def render_html(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], f
         parts += ["<h2>The seed study's claims</h2>", _claims_table(summary["claims"])]
     single = len(summary["configs"]) == 1
     parts += ["<h2>Learning curves" + ("" if single else " per configuration") + "</h2>",
-              *_curves(figures.curves)]
+              *_curves(figures.curves, figures.main[1])]
     who = "The model" if single and len(summary["seeds"]) == 1 else (
         "The configuration" if single else "The winner")
     if figures.winner:

@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.gridspec import GridSpec
+from matplotlib.image import BboxImage
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
+from matplotlib.transforms import Bbox, ScaledTranslation, TransformedBbox
 
 from mnistlab.atomic import atomic_path
 from mnistlab.evaluation import Evaluation
@@ -261,6 +265,11 @@ def _cell_counts(ax: Any, confusion: np.ndarray, share: np.ndarray, cell: float)
                 color="white" if share[i, j] > 0.5 else "black")
 
 
+def confusion_png(ev: Evaluation, classes: Sequence[str], title: str, seeds: int = 1) -> bytes:
+    """`confusion`'s figure as PNG bytes, written nowhere (for TensorBoard)."""
+    return png_bytes(confusion_figure(ev, classes, title, seeds))
+
+
 def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
@@ -272,18 +281,28 @@ def misclassified(ev: Evaluation, classes: Sequence[str], path: Path, title: str
     cols = 5
     rows = max(1, -(-len(ev.worst) // cols))
     height = 2.1 * rows + 0.5
-    # A fixed grid: a layout engine would spend seconds measuring 25 invisible axes.
     fig = Figure(figsize=(1.8 * cols, height))
     fig.suptitle(f"{title}: {len(ev.worst)} most confident errors", y=1 - 0.15 / height)
-    grid = {"top": 1 - 0.95 / height, "bottom": 0.1 / height, "left": 0.02, "right": 0.98,
-            "hspace": 0.55, "wspace": 0.15}
-    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False, gridspec_kw=grid).flat):
-        ax.set_axis_off()
-        if k < len(ev.worst):
-            m = ev.worst[k]
-            ax.imshow(m.image, cmap="gray_r", vmin=0, vmax=255)
-            ax.set_title(f"true: {_short(classes[m.true])}\npred: {_short(classes[m.predicted])}\n"
-                         f"{m.confidence:.1%}  #{m.index}", fontsize=8)
+    # No axes: 25 of them (with their ticks, hidden or not) took a second to make and draw.
+    # Each image fills the square an axes of this fixed grid would give it, its title 6 points
+    # above, as the axes' title: the same pixels.
+    grid = GridSpec(rows, cols, figure=fig, top=1 - 0.95 / height, bottom=0.1 / height,
+                    left=0.02, right=0.98, hspace=0.55, wspace=0.15)
+    bottoms, tops, lefts, rights = grid.get_grid_positions(fig)
+    inches = fig.get_size_inches()
+    above = fig.transFigure + ScaledTranslation(0, 6 / 72, fig.dpi_scale_trans)
+    for k, m in enumerate(ev.worst):
+        row, col = divmod(k, cols)
+        cell = np.array([rights[col] - lefts[col], tops[row] - bottoms[row]])
+        square = min(cell * inches) / inches  # the cell's largest square, in figure fractions
+        left, bottom = np.array([lefts[col], bottoms[row]]) + (cell - square) / 2
+        image = BboxImage(TransformedBbox(Bbox.from_bounds(left, bottom, *square),
+                                          fig.transFigure), cmap="gray_r", norm=Normalize(0, 255))
+        image.set_data(m.image)
+        fig.add_artist(image)
+        fig.text(left + square[0] / 2, bottom + square[1], f"true: {_short(classes[m.true])}\n"
+                 f"pred: {_short(classes[m.predicted])}\n{m.confidence:.1%}  #{m.index}",
+                 fontsize=8, ha="center", va="baseline", transform=above)
     if not ev.worst:
         fig.text(0.5, 0.5, "no errors", ha="center", va="center")
     return save_figure(fig, path)
@@ -294,11 +313,13 @@ def _short(name: str, width: int = 18) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def evaluation_plots(ev: Evaluation, classes: Sequence[str], folder: Path,
-                     name: str) -> list[Path]:
-    """`confusion_<name>.png` and `misclassified_<name>.png` for one evaluated model."""
+def evaluation_plots(ev: Evaluation, classes: Sequence[str], folder: Path, name: str,
+                     seeds: int = 1) -> list[Path]:
+    """`confusion_<name>.png` and `misclassified_<name>.png` for one evaluated model, or for a
+    configuration over `seeds` seeds (see `confusion`)."""
     stem = safe_name(name)
     return [
-        confusion(ev, classes, folder / f"confusion_{stem}.png", f"{name}: confusion matrix"),
+        confusion(ev, classes, folder / f"confusion_{stem}.png", f"{name}: confusion matrix",
+                  seeds),
         misclassified(ev, classes, folder / f"misclassified_{stem}.png", name),
     ]

@@ -5,12 +5,12 @@ sets the time. PyTorch's fused Adam takes one learning rate and one skip flag pe
 models with their own hyperparameters and divergence flags cost N launches; its dropout draws
 from one generator per call, so per-model streams cost N more; LayerNorm, ReLU and the loss's
 bookkeeping are a dozen elementwise launches each. Here each is one launch for the whole stack,
-and a CUDA graph (mnistlab.graphs) replays them with the matrix products.
+and a CUDA graph (cuda_graphs.py) replays them with the matrix products.
 
 - `adam_`: torch.optim.Adam's update (L2 weight decay, bias correction) and AdamW's decoupled
   decay on the flat (N, P) parameter rows, each row with its own betas, eps, decays, span (how
   much of the row it steps), frozen flag, and learning rate and beta1 read from its schedule's
-  table at the step count held on the device (mnistlab.schedules). It follows PyTorch's fused
+  table at the step count held on the device (engine.schedules). It follows PyTorch's fused
   CUDA kernel to float32 rounding, not bit for bit (its bias corrections are exp2(t·log2 β) in
   float64).
 - `dropout`, and the dropout inside `hidden_forward`: inverted-dropout scales from a
@@ -26,9 +26,9 @@ and a CUDA graph (mnistlab.graphs) replays them with the matrix products.
   loss/accuracy sums and divergence marks that the PyTorch backend keeps with a dozen small
   operations.
 
-Importing this module needs Triton; mnistlab.backend imports it only for a CUDA stack, and
-without Triton (or with MNISTLAB_TRITON=0) the stack's backend is PyTorch operators. Tests run
-the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+Importing this module needs Triton; mnistlab.engine.backends imports it only for a CUDA stack,
+and without Triton (or with MNISTLAB_TRITON=0) the stack's backend is PyTorch operators. Tests
+run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from mnistlab.config import RunConfig
+from mnistlab.engine.seeds import derived_seed
 from mnistlab.errors import ConfigError
-from mnistlab.stack import derived_seed
 
 Settings = tuple[int, float, float]  # translate, rotate, zoom
 PARAMS = 6  # per image: the inverse map's matrix a, b, c, d and offset tx, ty

@@ -9,8 +9,8 @@ The stack holds the state (each model's parameters and Adam moments as one row o
 tensors, with named views; the dropout generators; the step count) and the matrix products of
 the forward and backward passes. Everything between those products (a hidden layer's activation,
 dropout and LayerNorm, and their gradients), the loss, Adam and how a step is run belong to its
-backend (mnistlab.backend), chosen once when the stack is built: PyTorch operators, or on CUDA
-fused Triton kernels.
+backend (mnistlab.engine.backends), chosen once when the stack is built: PyTorch operators, or
+fused kernels (C++ on a CPU, Triton on CUDA).
 
 Models share hidden sizes, activation and dropout placement (`RunConfig.architecture`); learning
 rate, Adam settings, dropout p and LayerNorm on/off are per model. In a stack mixing models with
@@ -26,45 +26,25 @@ see `product` for the one case where that takes care).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from mnistlab import schedules
-from mnistlab.arithmetic import Arithmetic, requested
-from mnistlab.backend import Hidden, choose
-from mnistlab.config import RECIPE, RunConfig, to_dict
+from mnistlab.config import RunConfig
+from mnistlab.engine import schedules
+from mnistlab.engine.backends import Hidden, choose
+from mnistlab.engine.backends.arithmetic import Arithmetic, requested
+from mnistlab.engine.seeds import dropout_seed
 from mnistlab.model import build_mlp, stack_models
 
-RECIPE_DEFAULTS = to_dict(RunConfig())
 
-
-def derived_seed(*parts: object) -> int:
-    """A stable 63-bit seed from JSON-able parts: independent streams for independent purposes."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def dropout_seed(config: RunConfig, seed: int) -> int:
-    """A model's dropout stream: its seed and hyperparameters, not its name or stack position.
-
-    The recipe's fields (config.RECIPE) count only where they differ from their defaults: they
-    came later, and a configuration that leaves them alone keeps the masks it always had.
-    """
-    values = {k: v for k, v in to_dict(config).items()
-              if k not in RECIPE or v != RECIPE_DEFAULTS[k]}
-    return derived_seed("dropout", seed, {**values, "name": None})
-
-
-class Stack:
+class MLPStack:
     """The parameters, Adam moments and dropout generators of N models, and their backend.
 
     `steps` is the length of the training run, which the learning-rate schedules span
-    (mnistlab.schedules; 1 for a stack that is not trained). `arithmetic` picks the backend
-    (mnistlab.arithmetic; by default what the environment asks for on `device`).
+    (engine.schedules; 1 for a stack that is not trained). `arithmetic` picks the backend
+    (backends.arithmetic; by default what the environment asks for on `device`).
     """
 
     def __init__(
@@ -109,7 +89,7 @@ class Stack:
     def initial(
         cls, configs: Sequence[RunConfig], seeds: Sequence[int], input_dim: int, n_classes: int,
         device: torch.device, steps: int = 1, arithmetic: Arithmetic | None = None,
-    ) -> Stack:
+    ) -> MLPStack:
         """Model k starts as `build_mlp(configs[k])` built right after `torch.manual_seed(seed)`."""
         models = []
         for config, seed in zip(configs, seeds, strict=True):
@@ -120,14 +100,18 @@ class Stack:
 
     # --- forward / backward -------------------------------------------------------------------
 
-    def forward(self, x: Tensor, train: bool = False) -> tuple[Tensor, list[Hidden]]:
-        """Logits (N, B, classes) for input (N, B, in); with `train`, dropout and the cache."""
+    def forward(self, x: Tensor, train: bool = False) -> tuple[Tensor, list[Hidden] | None]:
+        """Logits (N, B, classes) for input (N, B, in); with `train`, dropout and the layers'
+        caches that `backward` needs (None without: evaluation keeps no layer alive)."""
         p, hidden, h = self.params, [], x
         for i in range(self.depth):
             z = product(h, p[f"linear{i}.weight"], p[f"linear{i}.bias"])
             h, layer = self.backend.hidden_forward(h, z, i, train)
-            hidden.append(layer)
+            if train:
+                hidden.append(layer)
         logits = product(h, p[f"linear{self.depth}.weight"], p[f"linear{self.depth}.bias"])
+        if not train:
+            return logits, None
         hidden.append(Hidden(h, logits, logits, None, logits))
         return logits, hidden
 

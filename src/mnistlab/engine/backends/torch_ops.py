@@ -1,73 +1,44 @@
-"""How a stack computes, chosen once when it is built: PyTorch operators, or fused kernels.
+"""`TorchOps`: a stack's non-GEMM work in PyTorch operators, and what every backend shares.
 
-Why an object: the ways differ in everything between the matrix products (a hidden layer's
-activation, dropout and LayerNorm and their gradients), in the loss and its books, in Adam, in
-how a step is run and in how evaluation is cut into blocks. `choose` picks one per stack and the
-stack holds it (`Stack.backend`), so neither the stack nor the engine asks which one it has.
+On every device: MPS's, the CPU's where the stack's arithmetic says so (MNISTLAB_CPU_FUSED=0, or
+no C++ compiler), and CUDA's where Triton is missing or switched off (MNISTLAB_TRITON=0). The
+backward pass calls PyTorch's own backward kernels (threshold/gelu/tanh, layer norm) on whole
+stacks; dropout draws from one generator per model; Adam is PyTorch's fused kernel (AdamW's where
+a model decays its weights decoupled), one call per model so each model keeps its own
+hyperparameters and can be frozen (`found_inf`) without touching the others. A scheduled
+learning rate is a tensor the kernel reads; one-cycle's per-step beta1, which the kernel takes
+only as a number, takes PyTorch operations (`cycled_adam`).
 
-- `TorchOps`, PyTorch operators on every device: MPS's, the CPU's where the stack's arithmetic
-  says so (MNISTLAB_CPU_FUSED=0, or no C++ compiler), and CUDA's where Triton is missing or
-  switched off (MNISTLAB_TRITON=0). The backward pass calls PyTorch's own backward
-  kernels (threshold/gelu/tanh, layer norm) on whole stacks; dropout draws from one generator
-  per model; Adam is PyTorch's fused kernel (AdamW's where a model decays its weights
-  decoupled), one call per model so each model keeps its own hyperparameters and can be frozen
-  (`found_inf`) without touching the others. A scheduled learning rate is a tensor the kernel
-  reads; one-cycle's per-step beta1, which the kernel takes only as a number, takes PyTorch
-  operations (`cycled_adam`).
-- `TritonKernels`, on CUDA (mnistlab.kernels, imported here lazily: CPU runs never load Triton):
-  one launch each for Adam, dropout and the loss with its books instead of one per model or a
-  dozen; a ReLU stack's hidden layers are one launch each too (`TritonLayers`), other
-  activations keep `TorchOps`'s layer operations.
-- `CpuKernels`, on the CPU by default (mnistlab.cpu_kernels: C++ compiled at first use, loaded
-  lazily):
-  Adam, the loss with its books, and each hidden layer's dropout and LayerNorm (and ReLU) with
-  their gradients as one call each for the whole stack. Its dropout masks are counter-based,
-  as the Triton kernels' are (another stream): a run's numbers depend on which CPU backend
-  trained it, and each is bit-reproducible.
-
-On CUDA either one's step is replayed as a CUDA graph (mnistlab.graphs) unless
-MNISTLAB_CUDA_GRAPHS=0. Which of these a stack uses is its `Arithmetic` (mnistlab.arithmetic),
-resolved once per run and recorded with it: nothing here reads the environment.
+The fused backends (fused_cpu.py, fused_cuda.py) are subclasses: they replace some of its
+methods and keep the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from mnistlab import schedules
-from mnistlab.arithmetic import Arithmetic
 from mnistlab.config import RunConfig
-from mnistlab.errors import MnistlabError
-from mnistlab.graphs import GraphedStep
+from mnistlab.engine import schedules
+from mnistlab.engine.backends.arithmetic import Arithmetic
+from mnistlab.engine.backends.cuda_graphs import GraphedStep
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, which build_mlp uses
 CPU_EVAL_BLOCK = 1024  # rows per CPU forward pass: large GEMMs whose intermediates stay in cache
-_ACT_BACKWARD = {
+ACT_BACKWARD = {
     "relu": lambda grad, z, a: torch.ops.aten.threshold_backward(grad, a, 0),
     "gelu": lambda grad, z, a: torch.ops.aten.gelu_backward(grad, z),
     "tanh": lambda grad, z, a: torch.ops.aten.tanh_backward(grad, a),
 }
-_ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
+ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh}
 
 
-def triton_kernels(arithmetic: Arithmetic) -> ModuleType | None:
-    """mnistlab.kernels where `arithmetic` asks for them (CUDA with Triton), else None.
-    Imported here, lazily: CPU runs never load Triton."""
-    if not arithmetic.triton:
-        return None
-    from mnistlab import kernels
-
-    return kernels
-
-
-class Stack(Protocol):
-    """What a backend reads and updates of its stack (mnistlab.stack.Stack, which holds it)."""
+class StackShape(Protocol):
+    """What a backend reads and updates of its stack (engine.stack.MLPStack, which holds it)."""
 
     device: torch.device
     arithmetic: Arithmetic
@@ -84,30 +55,6 @@ class Stack(Protocol):
     rates: Tensor  # (N, steps, 2): each model's learning rate and beta1 at each step
     generators: list[torch.Generator]  # dropout draws, one per model
     dropout_seeds: list[int]
-
-
-def cpu_kernels(arithmetic: Arithmetic) -> ModuleType | None:
-    """mnistlab.cpu_kernels where `arithmetic` asks for the fused CPU step, else None. Imported
-    here, lazily, as the Triton kernels are; `arithmetic.honour` or `requested` has checked
-    that they build here."""
-    if arithmetic.cpu_step != "fused":
-        return None
-    from mnistlab import cpu_kernels as kernels
-
-    if kernels.library() is None:
-        raise MnistlabError("the fused CPU step was asked for and cannot be built here (see "
-                            "the line above); install g++ or set MNISTLAB_CPU_FUSED=0")
-    return kernels
-
-
-def choose(stack: Stack) -> TorchOps:
-    """The backend for `stack`, as its arithmetic says: the Triton kernels, the fused CPU
-    kernels, else PyTorch operators."""
-    kernels = triton_kernels(stack.arithmetic)
-    if kernels is not None:
-        return (TritonLayers if stack.act == "relu" else TritonKernels)(stack, kernels)
-    kernels = cpu_kernels(stack.arithmetic)
-    return TorchOps(stack) if kernels is None else CpuKernels(stack, kernels)
 
 
 @dataclass
@@ -127,7 +74,7 @@ class Hidden:
 class TorchOps:
     """A stack's non-GEMM work in PyTorch operators, each acting on every model's slice alone."""
 
-    def __init__(self, stack: Stack):
+    def __init__(self, stack: StackShape):
         self.stack = stack
         device, configs = stack.device, stack.configs
         has_ln = [c.layernorm for c in configs]
@@ -176,7 +123,7 @@ class TorchOps:
     def hidden_forward(self, x: Tensor, z: Tensor, i: int, train: bool) -> tuple[Tensor, Hidden]:
         """Hidden layer i after its matrix product z = x W + b: (its output, its cache)."""
         s = self.stack
-        a = _ACT[s.act](z)
+        a = ACT[s.act](z)
         u, mask = self.dropout(a, i) if train and i in s.dropout_layers else (a, None)
         layer = Hidden(x, z, a, mask, u)
         if not s.layernorm:
@@ -196,7 +143,7 @@ class TorchOps:
             d = self._layernorm_backward(d, layer, i)
         if layer.mask is not None:
             d = d.mul_(layer.mask)  # d is this pass's own temporary
-        d = _ACT_BACKWARD[self.stack.act](d, layer.z, layer.a)
+        d = ACT_BACKWARD[self.stack.act](d, layer.z, layer.a)
         torch.sum(d, 1, keepdim=True, out=self.stack.grads[f"linear{i}.bias"])
         return d
 
@@ -296,146 +243,6 @@ class TorchOps:
         if not self.stack.arithmetic.cuda_graphs:
             return body
         return GraphedStep(body, self.graph_generators)
-
-
-class TritonKernels(TorchOps):
-    """Adam, dropout and the loss with its books as one Triton launch each for the whole stack.
-
-    Their dropout masks are counter-based (keyed by each model's dropout seed and the step
-    count), so a CUDA graph registers no generators.
-    """
-
-    def __init__(self, stack: Stack, kernels: ModuleType):
-        super().__init__(stack)
-        self.kernels, self.graph_generators = kernels, []
-        device = stack.device
-        self.hyper = torch.tensor(
-            [[c.betas[1], c.eps, c.weight_decay, c.decoupled_decay] for c in stack.configs],
-            device=device,
-        )
-        self.span = torch.tensor(stack.adam_span, dtype=torch.int32, device=device)
-        self.seeds = torch.tensor(stack.dropout_seeds, dtype=torch.int64, device=device)
-        has_ln = [c.layernorm for c in stack.configs]
-        self.layernorm_on = torch.tensor(has_ln, dtype=torch.int32, device=device)
-
-    def dropout(self, a: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        return self.kernels.dropout(a, self.seeds, self.drop_p.view(-1), self.stack.adam_step,
-                                    layer)
-
-    def loss(self, logits: Tensor, y: Tensor, books: dict[str, Tensor]) -> Tensor:
-        smoothing = None if self.smoothing is None else self.smoothing.view(-1)
-        return self.kernels.cross_entropy_step(logits, y, books, self.stack.adam_step, smoothing)
-
-    def adam(self, frozen: Tensor) -> None:
-        s = self.stack
-        self.kernels.adam_(s.flat, self.hyper, s.rates, self.span, frozen, s.adam_step)
-
-
-class TritonLayers(TritonKernels):
-    """`TritonKernels`, and each ReLU hidden layer's non-GEMM work as one launch each way."""
-
-    def hidden_forward(self, x: Tensor, z: Tensor, i: int, train: bool) -> tuple[Tensor, Hidden]:
-        """ReLU, dropout (training) and LayerNorm of hidden layer i in one Triton launch.
-
-        The cache holds z as the activation (ReLU's gradient gate z > 0 is the same as a > 0)
-        and the layer's output as `u`; the fused backward needs no more.
-        """
-        s, norm, dropout = self.stack, None, None
-        if s.layernorm:
-            norm = (s.params[f"norm{i}.weight"], s.params[f"norm{i}.bias"], self.layernorm_on)
-        if train and i in s.dropout_layers:
-            dropout = (self.seeds, self.drop_p.view(-1), s.adam_step, i)
-        out, scale, xhat, rstd = self.kernels.hidden_forward(z, norm, dropout, LN_EPS, train)
-        return out, Hidden(x, z, z, scale, out, xhat, None, rstd)
-
-    def hidden_backward(self, d: Tensor, layer: Hidden, i: int) -> Tensor:
-        """LayerNorm, dropout, ReLU and the bias (and LayerNorm) column sums, fused."""
-        s, g, weight, grads = self.stack, self.stack.grads, None, None
-        if s.layernorm:
-            weight = s.params[f"norm{i}.weight"]
-            grads = g[f"norm{i}.weight"], g[f"norm{i}.bias"]
-        return self.kernels.hidden_backward(d, layer.xhat, layer.rstd, weight, self.layernorm_on,
-                                            layer.mask, layer.a, grads, g[f"linear{i}.bias"])
-
-
-class CpuKernels(TorchOps):
-    """A CPU stack's non-GEMM work in fused C++ calls (mnistlab.cpu_kernels): Adam for all
-    models in one, the loss's gradient and books in one (after PyTorch's log_softmax and exp),
-    each hidden layer's activation (ReLU; others are PyTorch's), dropout and LayerNorm in one
-    call each way.
-
-    Where its arithmetic is PyTorch's it has `TorchOps`'s bits: Adam (one-cycle's models: to
-    float32 rounding), the loss gradient, ReLU and its gate, the bias sums; so a model without
-    LayerNorm and dropout trains to the same bits. LayerNorm agrees to float32 rounding (its
-    sums run in another order). Dropout masks are counter-based (keyed by each model's dropout
-    seed, the step count and the layer), not drawn from the stack's generators: other masks
-    than `TorchOps`'s, and no generator state needed.
-    """
-
-    def __init__(self, stack: Stack, kernels: ModuleType):
-        super().__init__(stack)
-        self.kernels = kernels
-        self.hyper = torch.tensor(
-            [[c.lr, *c.betas, c.eps, c.weight_decay, c.decoupled_decay, span,
-              kernels.ADAM_KINDS[_adam_kind(c)]]
-             for c, span in zip(stack.configs, stack.adam_span, strict=True)],
-            dtype=torch.float64,
-        )
-        self.seeds = torch.tensor(stack.dropout_seeds, dtype=torch.int64)
-        self.p = self.drop_p.view(-1)
-        self.layernorm_on = torch.tensor([c.layernorm for c in stack.configs], dtype=torch.int32)
-        self.relu = stack.act == "relu"
-
-    def dropout(self, a: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-        drop = (self.seeds, self.p, self.stack.adam_step, layer)
-        out, mask, _, _ = self.kernels.hidden_forward(a, None, drop, LN_EPS, relu=False)
-        return out, mask
-
-    def hidden_forward(self, x: Tensor, z: Tensor, i: int, train: bool) -> tuple[Tensor, Hidden]:
-        """Hidden layer i after z = x W + b: the activation (ReLU fused, others PyTorch's),
-        dropout (training) and LayerNorm in one call. For ReLU the cache's activation is z
-        (its gradient's gate z > 0 is a > 0's); its output is `u`."""
-        s = self.stack
-        a = z if self.relu else _ACT[s.act](z)
-        norm = None
-        if s.layernorm:
-            norm = (s.params[f"norm{i}.weight"], s.params[f"norm{i}.bias"], self.layernorm_on)
-        drop = (self.seeds, self.p, s.adam_step, i) if train and i in s.dropout_layers else None
-        out, mask, xhat, rstd = self.kernels.hidden_forward(a, norm, drop, LN_EPS, self.relu,
-                                                            train)
-        return out, Hidden(x, z, a, mask, out, xhat, None, rstd)
-
-    def hidden_backward(self, d: Tensor, layer: Hidden, i: int) -> Tensor:
-        """LayerNorm (with its parameters' gradients), dropout and ReLU backward in one call;
-        another activation's backward is PyTorch's, after it. The bias gradient is `TorchOps`'s
-        sum: a model without LayerNorm and dropout gets `TorchOps`'s bits."""
-        s, g = self.stack, self.stack.grads
-        norm = None
-        if s.layernorm:
-            norm = (s.params[f"norm{i}.weight"], self.layernorm_on, g[f"norm{i}.weight"],
-                    g[f"norm{i}.bias"])
-        gate = layer.z if self.relu else None
-        d = self.kernels.hidden_backward(d, layer.xhat, layer.rstd, norm, layer.mask, gate)
-        if not self.relu:
-            d = _ACT_BACKWARD[s.act](d, layer.z, layer.a)
-        torch.sum(d, 1, keepdim=True, out=g[f"linear{i}.bias"])
-        return d
-
-    def loss(self, logits: Tensor, y: Tensor, books: dict[str, Tensor]) -> Tensor:
-        smoothing = None if self.smoothing is None else self.smoothing.view(-1)
-        return self.kernels.cross_entropy_step(logits, y, books, self.stack.adam_step, smoothing)
-
-    def adam(self, frozen: Tensor) -> None:
-        s = self.stack
-        self.kernels.adam_(s.flat, self.hyper, s.rates, frozen, s.adam_step)
-
-
-def _adam_kind(config: RunConfig) -> str:
-    """How a model's Adam reads its rates: its configuration's numbers, a scheduled learning
-    rate, or one-cycle's learning rate and beta1 (mnistlab.cpu_kernels.ADAM_KINDS)."""
-    if config.lr_schedule == "onecycle":
-        return "onecycle"
-    return "constant" if schedules.constant(config) else "scheduled"
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ them, and a resumed run trains with the ones it recorded, whatever the environme
 (`honour`), or refuses in one line where they cannot be had here.
 
 The switches and their environment variables (each way is bit-reproducible):
-- `cpu_step`: "fused" (mnistlab.cpu_kernels, C++ compiled at first use; the default) or "torch"
+- `cpu_step`: "fused" (backends/cpu_kernels.py, C++ compiled at first use; the default) or "torch"
   (PyTorch operators: MNISTLAB_CPU_FUSED=0, for debugging, or where no compiler is found).
 - `triton`: CUDA's fused Triton kernels (MNISTLAB_TRITON=0 switches them off).
 - `cuda_graphs`: CUDA's step replayed as one graph (MNISTLAB_CUDA_GRAPHS=0 switches it off).
@@ -93,14 +93,14 @@ def requested(device: torch.device) -> Arithmetic:
 
 
 def fused_cpu_available() -> bool:
-    from mnistlab import cpu_kernels
+    from mnistlab.engine.backends import cpu_kernels
 
     return cpu_kernels.library() is not None
 
 
 def triton_available() -> bool:
     try:
-        from mnistlab import kernels  # noqa: F401
+        from mnistlab.engine.backends import triton_kernels  # noqa: F401
     except ImportError:
         return False
     return True

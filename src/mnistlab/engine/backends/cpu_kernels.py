@@ -4,7 +4,7 @@ Why: on a CPU a stack's matrix products are a few large calls, but everything be
 (a hidden layer's activation, dropout and LayerNorm and their gradients, the loss with its
 books, Adam once per model) is ~200 eager PyTorch operators per step, each a dispatch and a
 pass over memory: a third of a step. Here each is one call over the whole stack, as the Triton
-kernels (mnistlab.kernels) do on CUDA.
+kernels (triton_kernels.py) do on CUDA.
 
 The kernels are plain C++ (csrc/step.cpp: no PyTorch headers, so a build takes a second or
 two, not the minute a torch extension takes), compiled at first use with the system's C++
@@ -14,7 +14,7 @@ loaded with ctypes; tensors are passed as pointers. Their threads are PyTorch's:
 links libgomp by the soname PyTorch's is loaded under, so one OpenMP pool serves both, and
 each call runs on torch.get_num_threads() threads. Where no compiler is found or the build
 fails, `library()` says so in one line on stderr (once per process) and returns None: the
-stack then uses PyTorch operators (mnistlab.backend.TorchOps).
+stack then uses PyTorch operators (torch_ops.TorchOps).
 
 What the kernels compute, and how exactly:
 - `adam_`: torch._fused_adam_'s update (torch._fused_adamw_'s where a model decays
@@ -236,7 +236,7 @@ def cross_entropy_step(logits: Tensor, labels: Tensor, books: dict[str, Tensor],
                        smoothing: Tensor | None = None) -> Tensor:
     """d(sum of per-model mean losses)/d logits for logits (N, B, C), plus the step's books.
 
-    As mnistlab.kernels.cross_entropy_step: per model the batch's mean cross-entropy and
+    As triton_kernels.cross_entropy_step: per model the batch's mean cross-entropy and
     accuracy are added to `books["loss_sum"]`/`["acc_sum"]` and kept in `["last_loss"]`; a
     NaN/inf loss sets `["frozen"]` and, the first time, `["diverged_at"]` to this step (`step`
     holds the steps completed before it). With `smoothing` (N,), model k's gradient is
