@@ -34,7 +34,8 @@ STAGES = [
     ["mnistlab.engine.memory"],
     ["mnistlab.engine"],
     ["mnistlab.evaluation", "mnistlab.inference", "mnistlab.export", "mnistlab.stats",
-     "mnistlab.claims", "mnistlab.progress", "mnistlab.board", "mnistlab.runs"],
+     "mnistlab.claims", "mnistlab.progress", "mnistlab.board", "mnistlab.runs",
+     "mnistlab.environment"],
     ["mnistlab.experiment.sweep"],
     ["mnistlab.experiment.trials"],
     ["mnistlab.experiment.plan"],
@@ -43,7 +44,7 @@ STAGES = [
     ["mnistlab.experiment.summary"],
     ["mnistlab.experiment.pipeline", "mnistlab.experiment"],
     ["mnistlab.report"],
-    ["mnistlab.results"],
+    ["mnistlab.results", "mnistlab.scored"],
     ["mnistlab.api"],
     ["mnistlab.cli", "mnistlab"],
 ]
@@ -126,3 +127,22 @@ def test_the_walker_sees_lazy_imports():
     """A check that cannot fail is no check: the API's lazy import of the report counts."""
     assert "mnistlab.report" in GRAPH["mnistlab.api"]
     assert "mnistlab.experiment.ray" in GRAPH["mnistlab.api"]
+
+
+MOST_LINES = 450  # a module one can read at once; past this it holds more than one idea
+
+
+def test_no_module_is_too_long_to_read_at_once():
+    long = {m: n for m, p in MODULES.items()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MOST_LINES}
+    assert long == {}
+
+
+def test_no_class_name_is_defined_twice():
+    """One name per idea: two classes of one name (two `Stack`s, two `Layout`s) read as one."""
+    where: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(module)
+    assert where and {name: mods for name, mods in where.items() if len(mods) > 1} == {}

@@ -241,9 +241,9 @@ def _no_network(*args, **kwargs):
 
 
 def sources_failed(why: str) -> Exception:
-    from mnistlab.data.sources import _MirrorFailed
+    from mnistlab.data.transfer import MirrorFailed
 
-    return _MirrorFailed(why)
+    return MirrorFailed(why)
 
 
 def test_the_offline_error_names_the_datasets_already_here(fashion_dir, tmp_path, monkeypatch):

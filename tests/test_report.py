@@ -28,7 +28,7 @@ from mnistlab.experiment.summary import summarize
 from mnistlab.experiment.trials import Experiment
 from mnistlab.modules import save_checkpoint
 from mnistlab.report import render
-from mnistlab.report.html import reading
+from mnistlab.report.reading import reading
 from mnistlab.runs import RunDir
 from mnistlab.stats import Comparer, shown_seed, statistics
 

@@ -34,12 +34,12 @@ from mnistlab.data.dataset import Dataset, Splits
 from mnistlab.data.npz import write_npz
 from mnistlab.engine import Member, member_bytes, out_of_memory, requested, resolve_device
 from mnistlab.engine.stack import MLPStack
+from mnistlab.environment import environment
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment.executor import train_job
 from mnistlab.experiment.plan import Job, auto_stack_size
 from mnistlab.experiment.trials import Trial
 from mnistlab.progress import Progress
-from mnistlab.runs import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

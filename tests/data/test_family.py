@@ -19,7 +19,7 @@ from http_server import FileServer
 from typer.testing import CliRunner
 
 from mnistlab.cli import app
-from mnistlab.data import idx, load, sources
+from mnistlab.data import idx, load, sources, transfer
 from mnistlab.data.registry import NAMES, Resource
 from mnistlab.errors import DataError, MnistlabError
 
@@ -49,7 +49,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MNISTLAB_DATA", raising=False)
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda app: str(tmp_path / "cache" / app))
     monkeypatch.setattr(sources, "SYSTEM_DIRS", ())
-    monkeypatch.setattr(sources, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(transfer, "RETRY_DELAYS", (0.0, 0.0))
 
 
 @pytest.fixture

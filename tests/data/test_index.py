@@ -17,7 +17,7 @@ import platformdirs
 import pytest
 from http_server import FileServer
 
-from mnistlab.data import index, sources
+from mnistlab.data import index, sources, transfer
 from mnistlab.data.loader import load_path
 from mnistlab.data.registry import MNIST_SDIST, Archive, Resource
 from mnistlab.data.urls import redact
@@ -112,7 +112,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MNISTLAB_DATA", raising=False)
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda app: str(tmp_path / "cache" / app))
     monkeypatch.setattr(sources, "SYSTEM_DIRS", ())
-    monkeypatch.setattr(sources, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(transfer, "RETRY_DELAYS", (0.0, 0.0))
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import REAL_FILES, real_data
 from http_server import FileServer
 
-from mnistlab.data import sources
+from mnistlab.data import sources, transfer
 from mnistlab.data.dataset import DIGITS
 from mnistlab.data.sources import DatasetInfo, Resource
 from mnistlab.errors import MnistlabError
@@ -36,7 +36,7 @@ def info(mirror: str) -> DatasetInfo:
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("MNISTLAB_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(sources, "SYSTEM_DIRS", ())
-    monkeypatch.setattr(sources, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(transfer, "RETRY_DELAYS", (0.0, 0.0))
     return tmp_path / "cache"
 
 

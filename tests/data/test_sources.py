@@ -17,7 +17,7 @@ import platformdirs
 import pytest
 from http_server import FileServer
 
-from mnistlab.data import sources
+from mnistlab.data import sources, transfer
 from mnistlab.data.dataset import DIGITS
 from mnistlab.data.loader import IDX_NAME
 from mnistlab.data.sources import DatasetInfo, Resource
@@ -88,7 +88,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     user_cache = tmp_path / "user-cache"
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda app: str(user_cache / app))
     monkeypatch.setattr(sources, "SYSTEM_DIRS", ())
-    monkeypatch.setattr(sources, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(transfer, "RETRY_DELAYS", (0.0, 0.0))
 
 
 @pytest.fixture
@@ -356,7 +356,7 @@ def test_recompressed_real_mnist_files_verify_by_payload() -> None:
     assert paths
     for path in paths:
         assert sources.mismatch(path, resources[path.name]) is None
-        assert sources._published_mismatch(path, resources[path.name]) is not None
+        assert transfer.published_mismatch(path, resources[path.name]) is not None
 
 
 @pytest.mark.skipif(

@@ -50,7 +50,7 @@ def pixel_names(layout: LayoutName, side: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Columns:
     """What the first line of a CSV says about the rest: header or not, label column or not."""
 
     header: list[str] | None
@@ -77,15 +77,15 @@ def _square_side(pixels: int) -> int:
     return side if side >= 1 and side * side == pixels else 0
 
 
-def detect_layout(first_line: str, path: str | Path, lineno: int) -> Layout:
-    """The layout announced by the first non-blank line (a header, or the first data row)."""
+def detect_columns(first_line: str, path: str | Path, lineno: int) -> Columns:
+    """The columns announced by the first non-blank line (a header, or the first data row)."""
     cells = [c.strip().strip('"').strip() for c in first_line.split(",")]
     if not _HEADER_START.fullmatch(cells[0].lower()):
         side = _square_side(len(cells) - 1)
         if side:
-            return Layout(None, True, side)
+            return Columns(None, True, side)
         if _square_side(len(cells)):
-            return Layout(None, False, _square_side(len(cells)))
+            return Columns(None, False, _square_side(len(cells)))
         raise DataError(
             path,
             f"{len(cells)} columns are neither a square image (e.g. 784 = 28x28) "
@@ -113,7 +113,7 @@ def detect_layout(first_line: str, path: str | Path, lineno: int) -> Layout:
                 LAYOUT_HELP,
                 where=f"line {lineno}, column {col + 1}",
             )
-    return Layout(expected, labelled, side)
+    return Columns(expected, labelled, side)
 
 
 def _shown(text: str) -> str:
@@ -121,14 +121,15 @@ def _shown(text: str) -> str:
     return text if len(text) <= 20 else text[:17] + "..."
 
 
-def _cell_problem(cell: str, col: int, layout: Layout, num_classes: int) -> tuple[str, str] | None:
+def _cell_problem(cell: str, col: int, columns: Columns,
+                  num_classes: int) -> tuple[str, str] | None:
     """(problem, fix) for one cell, or None when the cell is valid."""
-    name = layout.column_name(col)
+    name = columns.column_name(col)
     text = cell.strip()
     if text == "" or text.lower() in NULLS:
         what = "empty cell" if text == "" else f"null value '{_shown(text)}'"
         return f"{what} in column '{name}'", "fill in the value or delete the row"
-    is_label = layout.labelled and col == 0
+    is_label = columns.labelled and col == 0
     top = num_classes - 1 if is_label else 255
     if not _INTEGER.fullmatch(text):
         kind = "label" if is_label else "pixel value"
@@ -147,26 +148,26 @@ def _cell_problem(cell: str, col: int, layout: Layout, num_classes: int) -> tupl
 
 
 def _line_error(
-    line: str, lineno: int, layout: Layout, num_classes: int, path: str | Path
+    line: str, lineno: int, columns: Columns, num_classes: int, path: str | Path
 ) -> DataError | None:
     """The first problem of one data line as a DataError, or None when the line is valid."""
     cells = line.split(",")
-    if len(cells) != layout.columns:
-        basis = "the header has" if layout.header is not None else "the first row has"
+    if len(cells) != columns.columns:
+        basis = "the header has" if columns.header is not None else "the first row has"
         return DataError(
             path,
-            f"{len(cells)} columns where {basis} {layout.columns}",
-            f"give every row {layout.columns} columns",
+            f"{len(cells)} columns where {basis} {columns.columns}",
+            f"give every row {columns.columns} columns",
             where=f"line {lineno}",
         )
     for col, cell in enumerate(cells):
-        problem = _cell_problem(cell, col, layout, num_classes)
+        problem = _cell_problem(cell, col, columns, num_classes)
         if problem:
             return DataError(path, problem[0], problem[1], where=f"line {lineno}, column {col + 1}")
     return None
 
 
-def _fast_parse(texts: list[str], layout: Layout, num_classes: int) -> np.ndarray | str:
+def _fast_parse(texts: list[str], columns: Columns, num_classes: int) -> np.ndarray | str:
     """The block as uint8 (n, columns) via NumPy's C parser, or why it is not valid."""
     if not all(map(str.isascii, texts)):  # NumPy 2.4's loadtxt segfaults on some code points
         return "non-ASCII text"
@@ -174,22 +175,22 @@ def _fast_parse(texts: list[str], layout: Layout, num_classes: int) -> np.ndarra
         values = np.loadtxt(texts, delimiter=",", dtype=np.uint8, ndmin=2, comments=None)
     except ValueError as exc:
         return str(exc)
-    if values.shape[1] != layout.columns:
+    if values.shape[1] != columns.columns:
         return "unexpected column count"
-    if layout.labelled and (values[:, 0] >= num_classes).any():
+    if columns.labelled and (values[:, 0] >= num_classes).any():
         return "label out of range"
     return values
 
 
 def _parse_block(
-    rows: list[tuple[int, str]], layout: Layout, num_classes: int, path: str | Path
+    rows: list[tuple[int, str]], columns: Columns, num_classes: int, path: str | Path
 ) -> np.ndarray:
     """Rows (line number, text) as uint8 (n, columns); the first problem raises DataError."""
-    values = _fast_parse([text for _, text in rows], layout, num_classes)
+    values = _fast_parse([text for _, text in rows], columns, num_classes)
     if not isinstance(values, str):
         return values
     for lineno, text in rows:
-        error = _line_error(text, lineno, layout, num_classes, path)
+        error = _line_error(text, lineno, columns, num_classes, path)
         if error:
             raise error
     # NumPy refused something the cell check accepts (exotic spacing or signs): report its reason.
@@ -243,19 +244,19 @@ def read_csv(path: str | Path, classes: tuple[str, ...] | None = DIGITS) -> Data
     first = next(rows, None)
     if first is None:
         raise DataError(path, "file is empty", "pass a CSV with one image per row")
-    layout = detect_layout(first[1], path, first[0])
-    if not layout.first_row:
+    columns = detect_columns(first[1], path, first[0])
+    if not columns.first_row:
         rows = itertools.chain([first], rows)
     blocks = []
     while block := list(itertools.islice(rows, _BLOCK)):
-        blocks.append(_parse_block(block, layout, num_classes, path))
+        blocks.append(_parse_block(block, columns, num_classes, path))
     if not blocks:
         raise DataError(
             path, "file has a header but no data rows", "pass a CSV with one image per row"
         )
     values = np.concatenate(blocks)
-    labels = values[:, 0].astype(np.int64) if layout.labelled else None
-    images = values[:, int(layout.labelled) :].reshape(-1, layout.side, layout.side)
+    labels = values[:, 0].astype(np.int64) if columns.labelled else None
+    images = values[:, int(columns.labelled) :].reshape(-1, columns.side, columns.side)
     classes = inferred_classes(labels) if classes is None else classes
     return Dataset(np.ascontiguousarray(images), labels, classes, origin=str(path))
 

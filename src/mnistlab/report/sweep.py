@@ -15,8 +15,9 @@ import numpy as np
 from matplotlib.ticker import PercentFormatter
 from rich.table import Table
 
-from mnistlab.report.html import mean_ci, pct, table
+from mnistlab.report.html import table
 from mnistlab.report.plots import new_figure, save_figure
+from mnistlab.report.reading import mean_ci, pct
 from mnistlab.report.table import console_width, fitted, folded, new_table, plain_text
 
 HEATMAP = "sweep_heatmap.png"
