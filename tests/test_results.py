@@ -67,3 +67,41 @@ def test_the_regeneration_table_reruns_bit_for_bit(fashion_dir, tmp_path):
     committed in results/regeneration-check.json."""
     fresh = results.collect("regeneration-check", results.run("regeneration-check", tmp_path))
     assert results.differences(results.read("regeneration-check"), fresh) == []
+
+
+
+def _published_pair(table: dict, missing: list):
+    """A table's paired test differences, either way round (a − b or b − a); a pair the table
+    does not publish (a recipe table pairs its winner only) is noted in `missing` and has no
+    interval."""
+    pairs = {(p["a"], p["b"]): p for p in table["pairs"]}
+
+    def pair(a: str, b: str) -> dict:
+        if (a, b) in pairs:
+            return pairs[a, b]
+        if (b, a) in pairs:
+            p = pairs[b, a]
+            return {**p, "a": a, "b": b, "diff": -p["diff"], "ci_low": -p["ci_high"],
+                    "ci_high": -p["ci_low"]}
+        missing.append((a, b))
+        return {"a": a, "b": b, "diff": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+
+    return pair
+
+
+@pytest.mark.parametrize("path", [p for p in TABLE_FILES if json.loads(p.read_text())["claims"]],
+                         ids=lambda p: p.stem)
+def test_published_claims_are_what_the_claims_module_says_today(path):
+    """The claims a table publishes, judged again from its own figures by today's rules: the
+    first always (it needs the baseline alone), the next two where the table publishes their
+    pairs (the seed tables do; the fourth needs the curves, which no JSON keeps). A change to
+    the rules or their form fails here, not silently in RESULTS.md."""
+    from mnistlab import claims
+
+    table, missing = json.loads(path.read_text()), []
+    data = table["data"]
+    judged = claims.check(table["configs"], _published_pair(table, missing), {}, data,
+                          on_seed_data=data == claims.SEED_DATA)
+    compared = 1 if missing else 3
+    assert compared == 3 or not path.stem.startswith("seed-")
+    assert judged[:compared] == table["claims"][:compared]
