@@ -168,8 +168,10 @@ _NO_TENSOR = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=(
 
 def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> summary_pb2.Summary:
     data.version = 0  # the plugin's data format
-    plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="hparams",
-                                                    content=data.SerializeToString())
+    # Deterministic: protobuf's upb runtime seeds its map hashing per process, so a plain
+    # SerializeToString orders the hparams map differently from one run to the next.
+    content = data.SerializeToString(deterministic=True)
+    plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="hparams", content=content)
     metadata = summary_pb2.SummaryMetadata(plugin_data=plugin)
     return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata,
                                                                 tensor=_NO_TENSOR)])
