@@ -107,6 +107,31 @@ def test_member_of_a_stack_equals_it_trained_alone(splits, members):
             assert torch.all(stacked.weights["norm1.bias"][k] == 0)
 
 
+def test_a_left_over_model_s_products_keep_the_bits_it_has_alone(monkeypatch):
+    """Five models on two threads: the fifth's large products run apart from the batch of
+    four (stack.product); every model's products are still the ones it computes alone."""
+    from mnistlab.engine import stack
+
+    apart = []
+    alone = stack._alone
+    monkeypatch.setattr(stack, "_alone", lambda *args: apart.append(1) or alone(*args))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        x, w, bias = torch.randn(128, 784), torch.randn(5, 784, 150), torch.randn(5, 1, 150)
+        d = torch.randn(5, 128, 150)
+        forward = stack.product(x.expand(5, -1, -1), w, bias)
+        gradient = stack.product(x.expand(5, -1, -1).transpose(1, 2), d, out=torch.empty_like(w))
+        assert len(apart) == 2
+        for k in range(5):
+            one = slice(k, k + 1)
+            assert torch.equal(forward[one], stack.product(x[None], w[one], bias[one]))
+            assert torch.equal(gradient[one], stack.product(x[None].transpose(1, 2), d[one]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_initial_weights_are_build_mlp_under_manual_seed():
     configs = [LN, RunConfig(name="x")]  # with and without LayerNorm
     stack = MLPStack.initial(configs, [7, 7], 784, 10, torch.device("cpu"))

@@ -127,6 +127,16 @@ def test_probability_of_improvement_counts_seed_pairs():
     assert probability_of_improvement(A, [0.5] * 3) == 1.0
 
 
+def test_probability_of_improvement_is_scipy_s_mann_whitney_u_over_the_pairs():
+    rng = np.random.default_rng(0)
+    for n_a, n_b in ((1, 1), (2, 7), (5, 5), (10, 3)):
+        a, b = rng.integers(0, 4, n_a) / 4, rng.integers(0, 4, n_b) / 4  # ties on purpose
+        u = sps.mannwhitneyu(a, b, alternative="two-sided").statistic
+        assert probability_of_improvement(a, b) == u / (n_a * n_b)
+    assert math.isnan(probability_of_improvement([0.9, math.nan], [0.8]))
+    assert math.isnan(probability_of_improvement([], [0.8]))
+
+
 def test_seeds_needed_matches_the_textbook_power_calculation():
     """d = 1 at α = 0.05 two-sided and 80 % power needs 17 per group (Cohen's tables)."""
     assert seeds_needed(diff=0.01, sd_a=0.01, sd_b=0.01) == 17
