@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -17,7 +18,7 @@ import platformdirs
 import pytest
 from http_server import FileServer
 
-from mnistlab.data import sources, transfer
+from mnistlab.data import sources, transfer, verified
 from mnistlab.data.dataset import DIGITS
 from mnistlab.data.loader import IDX_NAME
 from mnistlab.data.sources import DatasetInfo, Resource
@@ -323,6 +324,50 @@ def test_locate_accepts_recompressed_copy_and_rejects_other_data(
     with pytest.raises(MnistlabError):
         sources.locate("tiny", download=False)
     assert f"warning: {folder / BIG}: decompressed data differ" in capsys.readouterr().err
+
+
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    hashed: list[int] = []
+    real = transfer.sha256_of
+    counted = lambda stream: hashed.append(1) or real(stream)  # noqa: E731
+    monkeypatch.setattr(transfer, "sha256_of", counted)
+    monkeypatch.setattr(sources, "sha256_of", counted)
+    return hashed
+
+
+def test_a_verified_copy_is_hashed_again_only_once_it_changes(
+    tiny: DatasetInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", (tmp_path / "system",))
+    monkeypatch.setattr(verified, "RACY_SECONDS", 0.0)
+    folder = write_copy(tmp_path / "system" / "tiny", GZ)
+    hashed = _count_hashing(monkeypatch)
+    assert sources.locate("tiny", download=False) == folder
+    assert len(hashed) == len(GZ)
+    assert sources.locate("tiny", download=False) == folder
+    assert len(hashed) == len(GZ)  # recorded in the cache root, trusted while unchanged
+
+    before = (folder / BIG).stat()
+    (folder / BIG).write_bytes(altered(GZ[BIG]))  # same size, and the old modification time:
+    os.utime(folder / BIG, ns=(before.st_atime_ns, before.st_mtime_ns))  # the change time moved
+    with pytest.raises(MnistlabError):
+        sources.locate("tiny", download=False)
+    err = capsys.readouterr().err  # checked again, and refused (its gzip CRC fails first)
+    assert f"warning: {folder / BIG}: " in err and f"not using {folder}" in err
+
+
+def test_a_file_changed_moments_before_its_check_is_not_trusted_later(
+    tiny: DatasetInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write in the same clock tick as the check could keep every time stamp: such a file is
+    checked again next time (as git treats racily clean files)."""
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", (tmp_path / "system",))
+    write_copy(tmp_path / "system" / "tiny", GZ)
+    hashed = _count_hashing(monkeypatch)
+    sources.locate("tiny", download=False)
+    sources.locate("tiny", download=False)
+    assert len(hashed) == 2 * len(GZ)
 
 
 def test_cli_data_fetch_downloads_and_reports_errors(

@@ -35,7 +35,7 @@ from rich.progress import (
 )
 
 from mnistlab.atomic import atomic_path
-from mnistlab.data import index
+from mnistlab.data import index, verified
 from mnistlab.data.archive import ArchiveError, read_members
 from mnistlab.data.magic import GZIP
 from mnistlab.data.registry import REGISTRY, Archive, DatasetInfo, Mirror, Resource
@@ -56,10 +56,15 @@ SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)  # Debian's datas
 ARCHIVES = "archives"  # the cache's folder of archive mirrors' files, shared by every dataset
 
 
+def cache_root() -> Path:
+    """$MNISTLAB_DATA if set, else the user cache folder: where datasets are cached."""
+    root = os.environ.get("MNISTLAB_DATA") or platformdirs.user_cache_dir("mnistlab")
+    return Path(root).expanduser()
+
+
 def cache_dir(name: str) -> Path:
     """Where dataset `name` is cached: $MNISTLAB_DATA/<name> if set, else the user cache folder."""
-    root = os.environ.get("MNISTLAB_DATA") or platformdirs.user_cache_dir("mnistlab")
-    return Path(root).expanduser() / name
+    return cache_root() / name
 
 
 def mismatch(path: Path, resource: Resource) -> str | None:
@@ -184,14 +189,25 @@ def _info(name: str) -> DatasetInfo:
 
 
 def _verified(folder: Path, info: DatasetInfo) -> bool:
-    """True when all files are there and good; a complete but wrong copy is reported, not used."""
+    """True when all files are there and good; a complete but wrong copy is reported, not used.
+    Files verified before and unchanged since are not hashed again (mnistlab.data.verified)."""
     paths = [folder / r.filename for r in info.files]
     if not all(p.is_file() for p in paths):
         return False
-    problems = [(p, why) for p, r in zip(paths, info.files, strict=True) if (why := mismatch(p, r))]
+    root = cache_root()
+    todo = [(p, r) for p, r in zip(paths, info.files, strict=True)
+            if not verified.unchanged(root, p, _criteria(r))]
+    problems = [(p, why) for p, r in todo if (why := mismatch(p, r))]
     for path, why in problems:
         print(f"warning: {path}: {why}; not using {folder}", file=sys.stderr)
+    if not problems:
+        verified.record(root, [(p, _criteria(r)) for p, r in todo])
     return not problems
+
+
+def _criteria(resource: Resource) -> str:
+    """What `mismatch` checks a file against, as one string: a verification record's key."""
+    return f"{resource.sha256}/{resource.payload_sha256}/{resource.payload_size}"
 
 
 def _download(resource: Resource, folder: Path, mirrors: Sequence[Mirror], bar: Progress,
