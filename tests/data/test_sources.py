@@ -370,6 +370,23 @@ def test_a_file_changed_moments_before_its_check_is_not_trusted_later(
     assert len(hashed) == 2 * len(GZ)
 
 
+def test_verification_records_forget_files_that_are_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(verified, "RACY_SECONDS", 0.0)
+    kept, gone, later = (tmp_path / n for n in ("kept.gz", "gone.gz", "later.gz"))
+    for path in (kept, gone, later):
+        path.write_bytes(b"x")
+    verified.record(tmp_path, [(kept, "sum-a"), (gone, "sum-b")])
+    assert verified.unchanged(tmp_path, kept, "sum-a")
+    assert verified.unchanged(tmp_path, gone, "sum-b")
+    assert not verified.unchanged(tmp_path, kept, "sum-other")  # a record is for one sum
+    gone.unlink()
+    verified.record(tmp_path, [(later, "sum-c")])
+    keys = json.loads((tmp_path / verified.FILE).read_text())
+    assert sorted(k.rsplit(" ", 1)[1] for k in keys) == ["sum-a", "sum-c"]
+
+
 def test_cli_data_fetch_downloads_and_reports_errors(
     tiny: DatasetInfo, dead_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,7 +55,9 @@ def unchanged(root: Path, path: Path, checksum: str) -> bool:
 def record(root: Path, checked: Iterable[tuple[Path, str]]) -> None:
     """Record each (path, checksum) just verified, but for files changed too recently."""
     now = time.time_ns()
-    records, added = _read(root), False
+    records = {key: identity for key, identity in _read(root).items()  # forget deleted files
+               if os.path.exists(key.rsplit(" ", 1)[0])}
+    added = False
     for path, checksum in checked:
         with contextlib.suppress(OSError):
             identity = _identity(path)
