@@ -13,6 +13,12 @@ between `<!-- generated: NAME KIND -->` and `<!-- end generated -->`, which `ren
 from the JSON; the prose around them is written by hand and quotes no figure. `check` re-runs a
 table on this checkout and compares every per-model figure and statistic bit for bit (training
 times excepted); CI does so for the small `regeneration-check` table.
+
+Bits depend on the CPU as well as on the code (MKL and PyTorch choose kernels by the CPU model,
+split work by the thread count: environment.cpu_identity), so a table's JSON says which CPU made
+it, and `run --other-cpu` keeps a further set of the same table made on another kind of CPU in
+results/other-cpus/NAME/KEY.json. `check` compares with the set made on this kind of CPU, or,
+where there is none, with results/NAME.json, and says so when the CPUs differ.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from mnistlab.runs import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 RESULTS_MD = ROOT / "RESULTS.md"
+OTHER_CPUS = RESULTS / "other-cpus"
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,8 @@ TABLES = {
 MODEL_FIELDS = ("run", "seed", "test_accuracy", "test_loss", "final_val_accuracy",
                 "final_val_loss", "best_val_accuracy", "best_val_step", "final_train_accuracy",
                 "final_train_loss", "diverged_at", "stopped_at", "restored_from")
-UNCOMPARED = ("git_rev", "created", "seconds")  # what a faithful re-run may change
+# what a faithful re-run may change; the CPU chooses which committed set a re-run is held to
+UNCOMPARED = ("git_rev", "created", "seconds", "cpu")
 
 
 # --- run and collect -------------------------------------------------------------------------
@@ -97,6 +105,7 @@ def collect(name: str, path: Path) -> dict[str, Any]:
         "seeds": summary["seeds"],
         "git_rev": env.get("git_rev"),
         "arithmetic": env.get("arithmetic"),
+        "cpu": env.get("cpu"),
         "created": env.get("created"),
         "seconds": summary["seconds"],
         "runs": runs,
@@ -149,15 +158,36 @@ def _against(run_dir: RunDir, summary: dict[str, Any], reference: str) -> list[d
     return [_pair(p) for p in pairs]
 
 
-def write(name: str, figures: dict[str, Any]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+def write(name: str, figures: dict[str, Any], other_cpu: bool = False) -> Path:
+    """results/NAME.json, or with `other_cpu` the set this kind of CPU made beside it."""
     path = RESULTS / f"{name}.json"
+    if other_cpu:
+        if not figures.get("cpu"):
+            raise SystemExit(f"{name}: the run directory records no CPU; run the table again")
+        path = OTHER_CPUS / name / f"{figures['cpu']['key']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
     return path
 
 
 def read(name: str) -> dict[str, Any]:
     return json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def committed(name: str, cpu: dict[str, Any] | None) -> tuple[dict[str, Any], Path]:
+    """The committed figures a re-run on `cpu` must reproduce, and their file: the set made on
+    this kind of CPU, else results/NAME.json."""
+    primary = RESULTS / f"{name}.json"
+    for path in [primary, *sorted((OTHER_CPUS / name).glob("*.json"))]:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+        if cpu and (figures.get("cpu") or {}).get("key") == cpu["key"]:
+            return figures, path
+    return read(name), primary
+
+
+def made_on(figures: dict[str, Any]) -> str:
+    cpu = figures.get("cpu")
+    return cpu["key"] if cpu else "a CPU it does not record"
 
 
 def differences(committed: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
@@ -222,8 +252,14 @@ def _source(t: dict[str, Any], table: Table) -> str:
     return (f"    {t['command']}\n\n"
             f"Data `{t['data']}`: {sizes['train']:,} training, {sizes['val']:,} validation, "
             f"{sizes['test']:,} test images; {models} models ({len(t['configs'])} configurations "
-            f"× seeds {', '.join(map(str, t['seeds']))}); arithmetic: {arithmetic}; "
+            f"× seeds {', '.join(map(str, t['seeds']))}); arithmetic: {arithmetic}{_cpu(t)}; "
             f"git `{(t['git_rev'] or 'unknown')[:10]}`. Figures: `results/{t['table']}.json`.\n")
+
+
+def _cpu(t: dict[str, Any]) -> str:
+    cpu = t.get("cpu")
+    return f" on {cpu['name'] or cpu['vendor']} ({cpu['isa']}, {cpu['threads']} threads)" if cpu \
+        else ""
 
 
 def _summary(t: dict[str, Any], table: Table) -> str:
@@ -311,31 +347,46 @@ RENDERERS = {"source": _source, "summary": _summary, "pairs": _pairs, "reference
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
+    other_cpu = "keep it as another CPU's set (results/other-cpus/NAME/KEY.json)"
     for what in ("run", "check"):
         p = sub.add_parser(what)
         p.add_argument("names", nargs="+", choices=sorted(TABLES))
         p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
+        if what == "run":
+            p.add_argument("--other-cpu", action="store_true", help=other_cpu)
     p = sub.add_parser("collect")
     p.add_argument("name", choices=sorted(TABLES))
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--other-cpu", action="store_true", help=other_cpu)
     sub.add_parser("render")
     args = parser.parse_args(argv)
     if args.what == "collect":
-        print(write(args.name, collect(args.name, args.run_dir)))
+        print(write(args.name, collect(args.name, args.run_dir), args.other_cpu))
     elif args.what == "run":
         for name in args.names:
-            print(write(name, collect(name, run(name, args.out))))
+            print(write(name, collect(name, run(name, args.out)), args.other_cpu))
     elif args.what == "check":
-        failed = False
-        for name in args.names:
-            changed = differences(read(name), collect(name, run(name, args.out)))
-            failed |= bool(changed)
-            print(f"{name}: " + (f"DIFFERS in {', '.join(changed)}" if changed else
-                                 "identical to results/" + name + ".json"))
-        return 1 if failed else 0
+        return 1 if any([not _check(name, args.out) for name in args.names]) else 0
     else:
         RESULTS_MD.write_text(render(RESULTS_MD.read_text(encoding="utf-8")), encoding="utf-8")
     return 0
+
+
+def _check(name: str, out: Path) -> bool:
+    """Re-run table `name` and say whether it gives the committed figures bit for bit."""
+    fresh = collect(name, run(name, out))
+    figures, path = committed(name, fresh["cpu"])
+    changed = differences(figures, fresh)
+    where = path.relative_to(ROOT)
+    if not changed:
+        print(f"{name}: identical to {where}")
+    else:
+        print(f"{name}: DIFFERS from {where} in {', '.join(changed)}")
+        if made_on(figures) != fresh["cpu"]["key"]:
+            print(f"  {where} was made on {made_on(figures)}, this is {fresh['cpu']['key']}: "
+                  "other CPUs give other bits; `python benchmarks/results.py run --other-cpu "
+                  f"{name}` keeps this CPU's set beside it")
+    return not changed
 
 
 if __name__ == "__main__":

@@ -77,6 +77,20 @@ def test_env_json_and_checkpoints_record_which_cpu_step_trained(idx_dir, tmp_pat
     assert recorded["1"]["torch"] == torch.__version__ and recorded["1"]["device"] == "cpu"
 
 
+def test_env_json_and_the_report_name_the_cpu_whose_bits_these_are(idx_dir, tmp_path):
+    """MKL and PyTorch pick kernels by the CPU and split work by threads: a run records which."""
+    result = CliRunner().invoke(app, _args(idx_dir, tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    run_dir = _run_dir(tmp_path / "out")
+    cpu = json.loads((run_dir / "env.json").read_text())["cpu"]
+    assert cpu["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu["threads"] == torch.get_num_threads()
+    assert cpu["key"] == f"{cpu['vendor']}-{cpu['family']}-{cpu['model']}-{cpu['isa']}-" \
+        f"{cpu['threads']}t".lower()
+    report = (run_dir / "report.html").read_text()
+    assert f"({cpu['isa']}, {cpu['threads']} threads)" in report
+
+
 def test_each_cpu_step_gives_other_numbers_and_each_is_reproducible(splits, monkeypatch):
     runs = {}
     for fused in ("1", "0", "1"):

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import results  # noqa: E402
 
 TABLE_FILES = sorted(results.RESULTS.glob("*.json"))
+OTHER_CPU_FILES = sorted(results.OTHER_CPUS.glob("*/*.json"))
 
 
 def test_every_table_has_its_figures_committed():
@@ -38,11 +39,15 @@ def test_results_md_is_exactly_what_render_writes_from_the_figures():
     assert edited != text and results.render(edited) == text
 
 
-@pytest.mark.parametrize("path", TABLE_FILES, ids=[p.stem for p in TABLE_FILES])
+@pytest.mark.parametrize("path", TABLE_FILES + OTHER_CPU_FILES,
+                         ids=[p.stem for p in TABLE_FILES + OTHER_CPU_FILES])
 def test_each_table_says_what_made_it(path):
     figures = json.loads(path.read_text(encoding="utf-8"))
-    assert figures["table"] == path.stem
-    assert figures["command"] == results.command(path.stem)
+    other_cpu = path.parent.parent == results.OTHER_CPUS
+    assert figures["table"] == (path.parent.name if other_cpu else path.stem)
+    if other_cpu:  # another CPU's set names the CPU that made it, in its file name too
+        assert figures["cpu"]["key"] == path.stem
+    assert figures["command"] == results.command(figures["table"])
     assert len(figures["git_rev"]) == 40
     Arithmetic.from_dict(figures["arithmetic"], str(path))
     assert figures["runs"] and all(tuple(r) == results.MODEL_FIELDS for r in figures["runs"])
@@ -66,7 +71,25 @@ def test_the_regeneration_table_reruns_bit_for_bit(fashion_dir, tmp_path):
     """The committed code re-run: every per-model figure and statistic of the small table, as
     committed in results/regeneration-check.json."""
     fresh = results.collect("regeneration-check", results.run("regeneration-check", tmp_path))
-    assert results.differences(results.read("regeneration-check"), fresh) == []
+    figures, path = results.committed("regeneration-check", fresh["cpu"])
+    assert results.differences(figures, fresh) == [], (
+        f"{path.name} was made on {results.made_on(figures)}, this is {fresh['cpu']['key']}")
+
+
+def test_a_rerun_is_held_to_the_set_its_cpu_made(tmp_path, monkeypatch):
+    """Other CPUs give other bits: a re-run is compared with the set made on its kind of CPU,
+    and with results/NAME.json where no set names its CPU."""
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    monkeypatch.setattr(results, "OTHER_CPUS", tmp_path / "other-cpus")
+    primary = {"table": "t", "cpu": None, "runs": [1]}
+    zen3 = {"table": "t", "cpu": {"key": "authenticamd-25-1-avx2-2t"}, "runs": [2]}
+    (tmp_path / "t.json").write_text(json.dumps(primary))
+    assert results.write("t", zen3, other_cpu=True) == \
+        tmp_path / "other-cpus" / "t" / "authenticamd-25-1-avx2-2t.json"
+    assert results.committed("t", zen3["cpu"])[0] == zen3
+    assert results.committed("t", {"key": "genuineintel-6-106-avx512-2t"}) == \
+        (primary, tmp_path / "t.json")
+    assert results.made_on(primary) == "a CPU it does not record"
 
 
 

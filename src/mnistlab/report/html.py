@@ -232,6 +232,10 @@ def _footer(summary: Mapping[str, Any], env: Mapping[str, Any], reproduce: str) 
     facts = [f"mnistlab {env.get('mnistlab', '?')}", f"git {env.get('git_rev') or 'unknown'}",
              f"run {env.get('created', '?')}", f"device {summary.get('device', '?')}",
              f"torch {env.get('torch', '?')}", f"python {env.get('python', '?')}"]
+    cpu = env.get("cpu")
+    if cpu:  # the same code and seed give other bits on another kind of CPU
+        facts.append(f"CPU {cpu['name'] or cpu['vendor']} ({cpu['isa']}, {cpu['threads']} "
+                     "threads)")
     command = env.get("command")
     ran = f" It was run as <code>{escape(command)}</code>." if command else ""
     return (f"<footer><p>{escape(' · '.join(facts))}</p><p>Reproduce: "
