@@ -11,6 +11,7 @@ use none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import replace
@@ -23,7 +24,8 @@ from test_recipe import RECIPE
 
 from mnistlab.config import PRESETS, RunConfig, Schedule
 from mnistlab.data.dataset import Splits
-from mnistlab.engine import Interrupted, Member, backends, requested, train
+from mnistlab.data.idx import read_array
+from mnistlab.engine import Interrupted, Member, augment, backends, requested, train
 from mnistlab.engine.backends import CpuKernels, TorchOps, cpu_kernels, cross_entropy
 from mnistlab.engine.stack import MLPStack
 
@@ -306,3 +308,74 @@ def test_a_failed_build_is_one_line_and_a_build_is_cached(monkeypatch, tmp_path,
     stamp = path.stat().st_mtime_ns
     assert cpu_kernels._build() == path and path.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# --- augmentation --------------------------------------------------------------------------
+
+
+def _augmenters(streams, shape, fill, steps, batch):
+    """The same Augmenter twice: with the fused CPU step's sampling, and as PyTorch operators."""
+    fused_one = augment.Augmenter(streams, shape, fill, steps, batch, CPU, requested(CPU))
+    operators = augment.Augmenter(streams, shape, fill, steps, batch, CPU)
+    assert fused_one.kernels is not None and operators.kernels is None
+    return fused_one, operators
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_augmentation_gives_the_operators_bits_on_real_images(fused, fashion_dir, threads):
+    """A whole epoch's draws of two streams (shifts, turns, zooms at once) on Fashion-MNIST's
+    training images, normalised as training normalises them: every pixel the same bits."""
+    images = read_array(fashion_dir / "train-images-idx3-ubyte.gz", 3)[:2 * 128]
+    x = torch.from_numpy((images.reshape(2, 128, -1) / 255.0 - 0.2860) / 0.3530).float()
+    streams = [(0, (3, 20.0, 0.15)), (7, (2, 0.0, 0.0))]
+    fused_one, operators = _augmenters(streams, (28, 28), (0 - 0.2860) / 0.3530, 30, 128)
+    maps = fused_one.epoch(0)
+    with _threads(threads):
+        for step in range(maps.shape[1]):
+            mine, theirs = fused_one.apply(x, maps[:, step]), operators.apply(x, maps[:, step])
+            assert torch.equal(mine, theirs), f"step {step}"
+    assert not torch.equal(mine, x)
+
+
+@pytest.mark.parametrize("shape, batch", [((20, 24), 7), ((28, 28), 1)])
+def test_fused_augmentation_matches_on_other_shapes_and_batches(fused, shape, batch):
+    x = torch.randn(1, batch, shape[0] * shape[1])
+    fused_one, operators = _augmenters([(3, (4, 45.0, 0.5))], shape, -1.0, 8, batch)
+    maps = fused_one.epoch(2)
+    for step in range(8):
+        assert torch.equal(fused_one.apply(x, maps[:, step]), operators.apply(x, maps[:, step]))
+
+
+def test_an_augmented_recipe_run_has_the_same_bits_with_either_sampling(splits, fused,
+                                                                      monkeypatch):
+    members = [small(Member(replace(PRESETS["lr1e-3-p0.2"], translate=2, rotate=10.0,
+                                    zoom=0.1), 0))]
+    schedule = Schedule(epochs=1, batch_size=128, record_every=5, log_every=100)
+    fused_calls = []
+    kernel = cpu_kernels.affine_images
+    monkeypatch.setattr(cpu_kernels, "affine_images",
+                        lambda *a: fused_calls.append(1) or kernel(*a))
+    fused_run = train(splits, members, schedule, device="cpu")
+    assert len(fused_calls) == 10  # one call a step: 1280 images in batches of 128
+    operator_calls = []
+    monkeypatch.setattr(cpu_kernels, "affine_images",
+                        lambda *a: operator_calls.append(1) or _operators_instead(*a))
+    assert_same(fused_run, train(splits, members, schedule, device="cpu"))
+    assert len(operator_calls) == 10
+
+
+def _operators_instead(x, xs, ys, shape, fill):
+    """cpu_kernels.affine_images done as the PyTorch operators do it."""
+    sampler = augment.Augmenter([], shape, fill, 1, 1, CPU)
+    return sampler._sample(x, xs[0].unsqueeze(2) + xs[1][..., None],
+                           ys[0].unsqueeze(2) + ys[1][..., None])
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

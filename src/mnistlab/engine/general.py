@@ -80,7 +80,7 @@ class ModuleTraining(RecordBooks, ResumeState):
         self.seeds = list(dict.fromkeys(m.seed for m in members))
         self.order_rngs = [torch.Generator().manual_seed(derived_seed("order", s))
                            for s in self.seeds]
-        self._sources()
+        self._sources(arithmetic)
         self.stack = ModuleStack(members, spec, device, self.total)
         configs = [m.config for m in members]
         self.monitor = Monitor(configs)
@@ -101,7 +101,7 @@ class ModuleTraining(RecordBooks, ResumeState):
         labels = torch.as_tensor(part.labels)
         return self.spec.prepare(part.images).to(self.device), labels.to(self.device)
 
-    def _sources(self) -> None:
+    def _sources(self, arithmetic: Arithmetic) -> None:
         """Where each model's images come from: one source per seed and augmentation (the
         MLP engine's streams, so a model sees the same images in either engine)."""
         streams = [(m.seed, augment.settings(m.config)) for m in self.members]
@@ -114,7 +114,8 @@ class ModuleTraining(RecordBooks, ResumeState):
             black = self.spec.prepare(np.zeros((1, *self.spec.shape), np.uint8))[0, 0].item()
             self.augmenter = augment.Augmenter([sources[j] for j in self.augmented],
                                                self.spec.shape, black, self.steps_per_epoch,
-                                               self.schedule.batch_size, self.device)
+                                               self.schedule.batch_size, self.device,
+                                               arithmetic)
 
     def _epoch_start(self) -> None:
         perms = [torch.randperm(len(self.x), generator=g) for g in self.order_rngs]

@@ -73,7 +73,7 @@ class MLPTraining(RecordBooks, ResumeState):
         self.order_rngs = [
             torch.Generator().manual_seed(derived_seed("order", s)) for s in self.seeds
         ]
-        self._sources(spec)
+        self._sources(spec, arithmetic)
         configs, seeds = [m.config for m in members], [m.seed for m in members]
         self.stack = MLPStack.initial(configs, seeds, self.x.shape[1], len(spec.classes),
                                       device, self.total, arithmetic)
@@ -98,7 +98,7 @@ class MLPTraining(RecordBooks, ResumeState):
         labels = torch.as_tensor(part.labels)
         return spec.prepare(part.images).to(self.device), labels.to(self.device)
 
-    def _sources(self, spec: InputSpec) -> None:
+    def _sources(self, spec: InputSpec, arithmetic: Arithmetic) -> None:
         """Where each model's inputs come from: rows of the step's batch, one per source.
 
         Without augmentation a source is a seed's batch: one row that every model shares (one
@@ -122,7 +122,7 @@ class MLPTraining(RecordBooks, ResumeState):
         black = spec.prepare(np.zeros((1, *spec.shape), np.uint8))[0, 0].item()
         self.augmenter = augment.Augmenter(sources[self.plain :], spec.shape, black,
                                            self.steps_per_epoch, self.schedule.batch_size,
-                                           self.device)
+                                           self.device, arithmetic)
 
     def step_inputs(self) -> tuple[Tensor, ...]:
         """The current step's row indices (seeds, B), one permutation per seed and epoch, and

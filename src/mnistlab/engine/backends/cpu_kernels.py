@@ -28,6 +28,8 @@ What the kernels compute, and how exactly:
   summation order). The bias gradient is left to PyTorch's sum.
 - `cross_entropy_step`: after PyTorch's log_softmax and exp, the loss gradient with label
   smoothing (PyTorch's bits) and the step's books (loss and accuracy sums, divergence marks).
+- `affine_images`: augmentation's bilinear sampling (engine/augment.py), after PyTorch has
+  computed each map's column and row terms: PyTorch's bits.
 - Dropout draws from a counter-based stream (splitmix64 over each element's index, keyed by
   the model's dropout seed, the step count and the layer): a model's masks depend on nothing
   else, so they need no generator state to save or resume, and they differ from the PyTorch
@@ -70,6 +72,7 @@ _SIGNATURES = {  # the C functions' parameters (pointers as integers: Tensor.dat
     "hidden_backward": [_P, _P, _P, _P, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I,
                         ctypes.c_int32],
     "cross_entropy_step": [_P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I],
+    "affine_images": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _F, ctypes.c_int32],
 }
 
 
@@ -255,3 +258,18 @@ def cross_entropy_step(logits: Tensor, labels: Tensor, books: dict[str, Tensor],
         books["last_loss"].data_ptr(), books["frozen"].data_ptr(),
         books["diverged_at"].data_ptr(), step.data_ptr(), _ptr(smoothing), n, batch, classes)
     return grad
+
+
+def affine_images(x: Tensor, xs: tuple[Tensor, Tensor], ys: tuple[Tensor, Tensor],
+                  shape: tuple[int, int], fill: float) -> Tensor:
+    """Augmenter.apply's sampling for images x (S, B, height × width): pixel (r, c) of image
+    (s, b) read bilinearly from the image padded by `fill` at (col_x + row_x, col_y + row_y),
+    where xs = (col_x (S, B, width), row_x (S, B, height)) and ys likewise."""
+    height, width = shape
+    x = x.contiguous()
+    parts = [t.contiguous() for t in (*xs, *ys)]
+    out = torch.empty_like(x)
+    images = x.shape[0] * x.shape[1]
+    library().affine_images(x.data_ptr(), out.data_ptr(), *(t.data_ptr() for t in parts),
+                            images, height, width, fill, torch.get_num_threads())
+    return out
