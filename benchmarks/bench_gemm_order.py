@@ -1,13 +1,13 @@
 """Could a matrix kernel of our own beat MKL at the stack's products without changing a bit?
 
-On a CPU the products are ~88 % of an N=5 training step (BENCHMARKS.md). MKL computes each model's
-product of a batch on one thread, and on the MLP's shapes its single-thread rate is well below its
-rate on large squares, so a kernel of our own looked like the way to a faster stack. It may not
-change the numbers: every published figure must regenerate bit for bit. `gemm_order.cpp` therefore
-sums in the order MKL's AVX2 kernel was found to use (bias first, then blocks of 192 depths, each
-a chain of fused multiply-adds from zero), skips depths where a register tile's rows are all zero
-(exact: an added zero changes no sum), cuts the work into (model, block of rows) items so five
-models keep two threads busy, and tiles 6 × 16 outputs in registers.
+On a CPU the products are three quarters or more of an N=5 training step (BENCHMARKS.md). MKL
+computes each model's product of a batch on one thread, and on the MLP's shapes its single-thread
+rate is well below its rate on large squares, so a kernel of our own looked like the way to a
+faster stack. It may not change the numbers: every published figure must regenerate bit for bit.
+`gemm_order.cpp` therefore sums in the order MKL's AVX2 kernel was found to use (bias first, then
+blocks of 192 depths, each a chain of fused multiply-adds from zero), skips depths where a register
+tile's rows are all zero (exact: an added zero changes no sum), cuts the work into (model, block of
+rows) items so five models keep two threads busy, and tiles 6 × 16 outputs in registers.
 
 For each product of one N=5 step and evaluation block at the seed study's shapes, with real
 images as layer 1's input (their zeros are what the kernel skips), this script checks the
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import subprocess
 import tempfile
 import time
@@ -33,20 +32,20 @@ import numpy as np
 import torch
 
 from mnistlab.data.loader import load
+from mnistlab.engine.backends import cpu_kernels
 from mnistlab.engine.stack import product
 
 SOURCE = Path(__file__).with_name("gemm_order.cpp")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
-         "-shared", "-fPIC", "-fopenmp"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 ARGTYPES = [_P, _I, _I, _I, _P, _I, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I, _I, ctypes.c_int32,
             ctypes.c_int32]
 
 
 def build(folder: Path) -> ctypes.CDLL:
+    """The kernel, compiled as the fused step's own kernels are (same compiler, same flags)."""
     library = folder / "gemm_order.so"
-    subprocess.run([os.environ.get("CXX", "g++"), *FLAGS, "-o", str(library), str(SOURCE)],
-                   check=True)
+    subprocess.run([*cpu_kernels._compiler(), *cpu_kernels.FLAGS, *cpu_kernels.OPENMP,
+                    "-o", str(library), str(SOURCE)], check=True)
     lib = ctypes.CDLL(str(library))
     lib.gemm.argtypes, lib.gemm.restype = ARGTYPES, None
     return lib
@@ -70,14 +69,10 @@ def shapes(n: int, images: torch.Tensor
     them, a one-seed stack's batch and evaluation block shared by every model (`images`: pixels
     scaled to [0, 1], as the seed's MLP sees them; hidden activations after ReLU)."""
     g = torch.Generator().manual_seed(n)
-    flat = torch.randn(n, 142592, generator=g) * 0.05
-
-    def view(offset: int, rows: int, cols: int) -> torch.Tensor:
-        return flat[:, offset : offset + rows * cols].view(n, rows, cols)
-
-    w1, b1 = view(0, 784, 150), view(117600, 1, 150)
-    w2, b2 = view(117750, 150, 150), view(140250, 1, 150)
-    w3, b3 = view(140400, 150, 10), view(141900, 1, 10)
+    sizes = [(784, 150), (1, 150), (150, 150), (1, 150), (150, 10), (1, 10)]
+    flat = torch.randn(n, sum(r * c for r, c in sizes), generator=g) * 0.05
+    parts = flat.split([r * c for r, c in sizes], dim=1)
+    w1, b1, w2, b2, w3, b3 = (p.view(n, r, c) for p, (r, c) in zip(parts, sizes, strict=True))
     picked = torch.randperm(len(images), generator=g)
     x = images[picked[:128]].expand(n, -1, -1)
     h = torch.relu(torch.randn(n, 128, 150, generator=g))

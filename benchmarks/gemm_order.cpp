@@ -134,36 +134,36 @@ bool pack_w(const Operands& o, int64_t b, int64_t q, float* wp) {
   return _mm256_movemask_ps(_mm256_cmp_ps(finite, finite, _CMP_UNORD_Q)) == 0;
 }
 
-// The depths of [k0, k1) where some row of the tile is not zero (NaN counts as not zero), in
+// The depths of [0, depths), counted from the tile's rows, where some row of the tile is not zero (NaN counts as not zero), in
 // order; every depth where `all`.
-int64_t live_depths(const float* const* row, int64_t rows, int64_t a_r, int64_t a_k, int64_t k0,
-                    int64_t k1, bool all, int32_t* ks) {
+int64_t live_depths(const float* const* row, int64_t rows, int64_t a_r, int64_t a_k, int64_t depths,
+                    bool all, int32_t* ks) {
   int64_t count = 0;
   if (all) {
-    for (int64_t k = k0; k < k1; ++k) ks[count++] = int32_t(k - k0);
+    for (int64_t k = 0; k < depths; ++k) ks[count++] = int32_t(k);
     return count;
   }
   const __m256 zero = _mm256_setzero_ps();
-  int64_t k = k0;
+  int64_t k = 0;
   if (a_k == 1) {  // each row's depths contiguous: eight depths at a time
-    for (; k + 8 <= k1; k += 8) {
+    for (; k + 8 <= depths; k += 8) {
       __m256 any = zero;
       for (int64_t i = 0; i < rows; ++i)
         any = _mm256_or_ps(any, _mm256_cmp_ps(_mm256_loadu_ps(row[i] + k), zero, _CMP_NEQ_UQ));
       for (uint32_t bits = uint32_t(_mm256_movemask_ps(any)); bits != 0; bits &= bits - 1)
-        ks[count++] = int32_t(k - k0 + __builtin_ctz(bits));
+        ks[count++] = int32_t(k + __builtin_ctz(bits));
     }
   } else if (a_r == 1) {  // the tile's rows contiguous at each depth
     const __m256i mask = lane_mask(rows);
-    for (; k < k1; ++k)
+    for (; k < depths; ++k)
       if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_maskload_ps(row[0] + k * a_k, mask), zero,
                                            _CMP_NEQ_UQ)) != 0)
-        ks[count++] = int32_t(k - k0);
+        ks[count++] = int32_t(k);
   }
-  for (; k < k1; ++k) {
+  for (; k < depths; ++k) {
     bool live = false;
     for (int64_t i = 0; i < rows; ++i) live |= !(row[i][k * a_k] == 0.0f);
-    if (live) ks[count++] = int32_t(k - k0);
+    if (live) ks[count++] = int32_t(k);
   }
   return count;
 }
@@ -182,7 +182,7 @@ void vector_item(const Operands& o, int64_t b, int64_t r0, int64_t r1, const flo
       const float* row[MR];
       for (int64_t i = 0; i < MR; ++i)
         row[i] = o.a + b * o.a_b + (r + std::min(i, rows - 1)) * o.a_r + k0 * o.a_k;
-      const int64_t count = live_depths(row, rows, o.a_r, o.a_k, 0, k1 - k0, !finite, ks);
+      const int64_t count = live_depths(row, rows, o.a_r, o.a_k, k1 - k0, !finite, ks);
       for (int64_t j0 = 0; j0 < o.width; j0 += NR)
         (o.a_k == 1 ? tile<true> : tile<false>)(row, o.a_k, panels + (b * per_model + j0 / NR) * panel_size + k0 * NR, ks, count,
              k0 == 0, bias ? bias + j0 : nullptr, o.out + b * o.out_b + r * o.out_r + j0,
